@@ -1,0 +1,1 @@
+//! The wasm entry point (Leptos client: see issue #4).

@@ -1,0 +1,178 @@
+//! # kinesis-chat server
+//!
+//! Follow one message from a browser's POST to every browser's socket:
+//!
+//! 1. `POST /api/messages` arrives at [`api::post_message`] (`api.rs`). The
+//!    body is read by hand (≤ 16 KiB, JSON only), checked with the shared
+//!    rules in `app::validate`, and turned into a `ChatMessage` (id, time).
+//! 2. The message goes to the stream through the [`backend::Backend`] seam
+//!    (`backend/mod.rs`): the embedded `backend/memory.rs`, or Kinesis. The
+//!    POST is answered 201 with the message's cursor only after the stream
+//!    accepted it; otherwise 503 and the message never appears.
+//! 3. Whatever the stream holds is fed, in stream order, into the hub
+//!    [`rooms::Rooms`] (`rooms.rs`): deduplicated by id, serialized once into
+//!    a `message` frame, kept in the room's bounded window, and broadcast.
+//! 4. Each browser's WebSocket is a session in `ws.rs`: the room's history
+//!    (or exactly what followed its `since` cursor, see `cursor.rs`), then a
+//!    `ready` frame, then live frames written in batches. A socket that
+//!    cannot keep up is closed with 4008; on shutdown all get 1001.
+//!
+//! Around that: `config.rs` (flags and env vars), `error.rs` (every error a
+//! client can see), `ratelimit.rs` (429s), `metrics.rs` (`/metrics`),
+//! `plain.rs` (the fallback client at `/plain/`), and `main.rs`, which only
+//! parses the config, binds and calls [`run`].
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod cursor;
+pub mod error;
+pub mod metrics;
+pub mod plain;
+pub mod ratelimit;
+pub mod rooms;
+pub mod ws;
+
+use crate::backend::memory::MemoryBackend;
+use crate::backend::Backend;
+use crate::config::{BackendKind, Config};
+use crate::metrics::{Labels, Metrics};
+use crate::ratelimit::RateLimiter;
+use crate::rooms::{Rooms, RoomsConfig};
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::{Redirect, Response};
+use axum::routing::get;
+use axum::Router;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// WebSocket timing, from the config.
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    pub ping_interval: Duration,
+    pub write_timeout: Duration,
+}
+
+/// Everything a request handler or socket session needs.
+pub struct Shared {
+    pub backend: Arc<dyn Backend>,
+    pub rooms: Arc<Rooms>,
+    pub metrics: Arc<Metrics>,
+    pub limiter: RateLimiter,
+    pub ws: WsSettings,
+    /// Cancelled once, on shutdown; every long-lived task watches it.
+    pub shutdown: CancellationToken,
+    /// Open socket sessions, so shutdown can wait for their 1001 closes.
+    pub sessions: TaskTracker,
+    /// How long shutdown waits for sessions.
+    pub shutdown_grace: Duration,
+}
+
+/// Cheap to clone; handed to every handler.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+impl Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Builds the hub and the configured backend.
+    pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Result<AppState> {
+        let metrics = Arc::new(Metrics::new());
+        let rooms_config = RoomsConfig {
+            window: config.history_per_room as usize,
+            socket_queue: config.ws_queue as usize,
+            max_rooms: config.max_rooms as usize,
+            ..RoomsConfig::default()
+        };
+        let rooms = Arc::new(Rooms::new(rooms_config, metrics.clone()));
+        let backend: Arc<dyn Backend> = match config.backend {
+            BackendKind::Memory => Arc::new(MemoryBackend::new(rooms.clone())),
+            BackendKind::Kinesis => anyhow::bail!("the kinesis backend is not built yet; use --backend memory"),
+        };
+        Ok(Self::with_backend(config, backend, rooms, metrics, shutdown))
+    }
+
+    /// Assembles a state around an existing backend (tests use this to
+    /// put a fake stream behind the seam).
+    pub fn with_backend(
+        config: &Config,
+        backend: Arc<dyn Backend>,
+        rooms: Arc<Rooms>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> AppState {
+        AppState(Arc::new(Shared {
+            backend,
+            rooms,
+            metrics,
+            limiter: RateLimiter::new(config.rate_limit, config.rate_burst),
+            ws: WsSettings { ping_interval: config.ws_ping_interval, write_timeout: config.ws_write_timeout },
+            shutdown,
+            sessions: TaskTracker::new(),
+            shutdown_grace: config.shutdown_grace,
+        }))
+    }
+}
+
+/// The whole HTTP surface, ready for `oneshot` tests or `serve`.
+pub fn app(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/messages", get(api::get_messages).post(api::post_message))
+        .route("/ws", get(api::websocket))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
+        .route("/plain", get(plain::add_slash))
+        .route("/plain/", get(plain::index))
+        .route("/plain/plain.js", get(plain::script))
+        .route("/plain/plain.css", get(plain::style))
+        .route("/", get(|| async { Redirect::temporary("/plain/") }))
+        .route_layer(middleware::from_fn_with_state(state.clone(), record_latency))
+        .method_not_allowed_fallback(api::method_not_allowed);
+    api.fallback(api::not_found).with_state(state)
+}
+
+async fn record_latency(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let labels: Labels = vec![
+        ("route".into(), route),
+        ("status".into(), format!("{}xx", response.status().as_u16() / 100)),
+    ];
+    state.metrics.http_latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Serves until `state.shutdown` is cancelled, then drains: stops
+/// accepting, finishes in-flight requests, closes sockets with 1001 and
+/// waits (at most the grace period) for them.
+pub async fn run(listener: TcpListener, state: AppState) -> anyhow::Result<()> {
+    let shutdown = state.shutdown.clone();
+    let sessions = state.sessions.clone();
+    let grace = state.shutdown_grace;
+    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    sessions.close();
+    if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+        tracing::warn!("some sockets did not close within the shutdown grace period");
+    }
+    Ok(())
+}

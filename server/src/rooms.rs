@@ -1,0 +1,361 @@
+//! The fan-out hub: per-room recent window, id deduplication and live
+//! broadcast.
+//!
+//! Every backend feeds messages in stream order through [`Rooms::publish`].
+//! There they are deduplicated by id (the stream is at-least-once),
+//! serialized once into a `message` frame, appended to the room's bounded
+//! window and broadcast to the room's sockets. Subscribing takes the backlog
+//! and the live receiver under the same lock, so nothing falls between them.
+
+use crate::cursor::Position;
+use crate::metrics::Metrics;
+use app::{ChatMessage, ServerFrame};
+use axum::extract::ws::Utf8Bytes;
+use parking_lot::Mutex;
+use std::cmp::Ordering;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::broadcast;
+
+/// One message as it sits in a room: where it is, what it is, and its
+/// frame, encoded once for every socket.
+#[derive(Debug)]
+pub struct Entry {
+    pub pos: Position,
+    /// `pos` encoded for clients.
+    pub cursor: String,
+    pub message: ChatMessage,
+    /// The `{"type":"message",...}` frame, shared by every socket.
+    pub frame: Utf8Bytes,
+}
+
+impl Entry {
+    pub fn new(pos: Position, message: ChatMessage) -> Self {
+        let cursor = pos.encode();
+        let frame = ServerFrame::Message { cursor: cursor.clone(), message: message.clone() };
+        // Serializing plain strings into JSON cannot fail.
+        let json = serde_json::to_string(&frame).expect("serialize message frame");
+        Entry { pos, cursor, message, frame: Utf8Bytes::from(json) }
+    }
+}
+
+/// Sizes of the hub's bounded structures.
+#[derive(Debug, Clone)]
+pub struct RoomsConfig {
+    /// Messages kept per room for history and `since` (the window).
+    pub window: usize,
+    /// Frames a socket may fall behind before it is closed with 4008.
+    pub socket_queue: usize,
+    /// Rooms kept at once; the least recently active room with no sockets
+    /// is forgotten beyond this, so junk room names cannot exhaust memory.
+    pub max_rooms: usize,
+    /// Message ids remembered for deduplication and idempotent POSTs.
+    pub dedup_ids: usize,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self { window: 1000, socket_queue: 1024, max_rooms: 10_000, dedup_ids: 200_000 }
+    }
+}
+
+/// What `publish` did with a message.
+#[derive(Debug)]
+pub enum Published {
+    /// First time this id was seen: it is in the window and on the air.
+    New(Arc<Entry>),
+    /// The id was already published; this is the earlier entry.
+    Duplicate(Arc<Entry>),
+}
+
+/// Where a subscription starts.
+#[derive(Debug)]
+pub enum Start {
+    /// No `since`: `backlog` is the room's recent history.
+    History,
+    /// `since` was found in the window: `backlog` is exactly what follows it.
+    After,
+    /// `since` is not in the window (older, from another shard, or unknown).
+    /// `backlog` is the whole window; the caller asks the backend for what
+    /// lies between `since` and the window, or resets.
+    OutOfWindow,
+}
+
+/// A socket's view of a room: what it missed and what comes next.
+pub struct Subscription {
+    pub start: Start,
+    pub backlog: Vec<Arc<Entry>>,
+    pub live: broadcast::Receiver<Arc<Entry>>,
+}
+
+struct Room {
+    window: VecDeque<Arc<Entry>>,
+    /// Whether anything was ever dropped from the window's front.
+    evicted: bool,
+    tx: broadcast::Sender<Arc<Entry>>,
+    last_active: Instant,
+}
+
+/// Ids already published, oldest first, bounded.
+#[derive(Default)]
+struct Seen {
+    by_id: HashMap<String, Arc<Entry>>,
+    order: VecDeque<String>,
+}
+
+pub struct Rooms {
+    config: RoomsConfig,
+    metrics: Arc<Metrics>,
+    rooms: Mutex<HashMap<String, Room>>,
+    seen: Mutex<Seen>,
+}
+
+impl Rooms {
+    pub fn new(config: RoomsConfig, metrics: Arc<Metrics>) -> Self {
+        Self { config, metrics, rooms: Mutex::new(HashMap::new()), seen: Mutex::new(Seen::default()) }
+    }
+
+    pub fn config(&self) -> &RoomsConfig {
+        &self.config
+    }
+
+    /// The entry already published under `id`, if it is still remembered.
+    pub fn lookup_id(&self, id: &str) -> Option<Arc<Entry>> {
+        self.seen.lock().by_id.get(id).cloned()
+    }
+
+    /// Publishes one message, in stream order. Callers that need one order
+    /// across publishers (the memory backend) serialize their calls.
+    pub fn publish(&self, pos: Position, message: ChatMessage) -> Published {
+        let entry = {
+            let mut seen = self.seen.lock();
+            if let Some(existing) = seen.by_id.get(&message.id) {
+                self.metrics.duplicates_dropped.inc();
+                return Published::Duplicate(existing.clone());
+            }
+            let entry = Arc::new(Entry::new(pos, message));
+            seen.by_id.insert(entry.message.id.clone(), entry.clone());
+            seen.order.push_back(entry.message.id.clone());
+            while seen.order.len() > self.config.dedup_ids {
+                if let Some(old) = seen.order.pop_front() {
+                    seen.by_id.remove(&old);
+                }
+            }
+            entry
+        };
+
+        let mut rooms = self.rooms.lock();
+        let room = self.room_mut(&mut rooms, &entry.message.room);
+        room.window.push_back(entry.clone());
+        while room.window.len() > self.config.window {
+            room.window.pop_front();
+            room.evicted = true;
+        }
+        room.last_active = Instant::now();
+        // An error only means nobody is listening in this room right now.
+        let _no_listeners = room.tx.send(entry.clone());
+        Published::New(entry)
+    }
+
+    /// Subscribes to a room, with the backlog that precedes the live feed.
+    pub fn subscribe(&self, room: &str, since: Option<&Position>, history: usize) -> Subscription {
+        let mut rooms = self.rooms.lock();
+        let r = self.room_mut(&mut rooms, room);
+        let live = r.tx.subscribe();
+        let (start, backlog) = match since {
+            None => (Start::History, tail(&r.window, history)),
+            Some(pos) => match index_after(&r.window, pos) {
+                Some(i) => (Start::After, r.window.iter().skip(i).cloned().collect()),
+                None => (Start::OutOfWindow, r.window.iter().cloned().collect()),
+            },
+        };
+        Subscription { start, backlog, live }
+    }
+
+    /// Up to `limit` messages strictly before `before` (or the newest),
+    /// oldest first. A `before` that cannot be placed gives an empty page.
+    pub fn history(&self, room: &str, before: Option<&Position>, limit: usize) -> Vec<Arc<Entry>> {
+        let rooms = self.rooms.lock();
+        let Some(r) = rooms.get(room) else { return Vec::new() };
+        let end = match before {
+            None => r.window.len(),
+            Some(pos) => match index_after(&r.window, pos) {
+                // index_after gives the first entry after `pos`; an exact
+                // match sits just before it and is excluded too.
+                Some(i) if i > 0 && r.window[i - 1].pos == *pos => i - 1,
+                Some(i) => i,
+                None => return Vec::new(),
+            },
+        };
+        let start = end.saturating_sub(limit);
+        r.window.range(start..end).cloned().collect()
+    }
+
+    /// Whether the room's window has ever dropped messages (memory
+    /// backend: whether `since` older than the window is still complete).
+    pub fn evicted(&self, room: &str) -> bool {
+        self.rooms.lock().get(room).is_some_and(|r| r.evicted)
+    }
+
+    fn room_mut<'a>(&self, rooms: &'a mut HashMap<String, Room>, name: &str) -> &'a mut Room {
+        if !rooms.contains_key(name) {
+            if rooms.len() >= self.config.max_rooms {
+                evict_idle_room(rooms);
+            }
+            let (tx, _) = broadcast::channel(self.config.socket_queue.max(1));
+            rooms.insert(
+                name.to_owned(),
+                Room { window: VecDeque::new(), evicted: false, tx, last_active: Instant::now() },
+            );
+        }
+        // Inserted just above when missing.
+        rooms.get_mut(name).expect("room present")
+    }
+}
+
+/// Drops the least recently active room that has no sockets.
+fn evict_idle_room(rooms: &mut HashMap<String, Room>) {
+    let victim = rooms
+        .iter()
+        .filter(|(_, r)| r.tx.receiver_count() == 0)
+        .min_by_key(|(_, r)| r.last_active)
+        .map(|(name, _)| name.clone());
+    if let Some(name) = victim {
+        tracing::debug!(room = %name, "forgetting idle room to stay within max_rooms");
+        rooms.remove(&name);
+    }
+}
+
+fn tail(window: &VecDeque<Arc<Entry>>, n: usize) -> Vec<Arc<Entry>> {
+    window.iter().skip(window.len().saturating_sub(n)).cloned().collect()
+}
+
+/// Index of the first window entry that comes after `pos`, when the window
+/// can tell: `pos` is one of its entries, or sits between two comparable
+/// ones. `None` when `pos` is older than the window or incomparable.
+fn index_after(window: &VecDeque<Arc<Entry>>, pos: &Position) -> Option<usize> {
+    for (i, e) in window.iter().enumerate().rev() {
+        if e.pos == *pos {
+            return Some(i + 1);
+        }
+        if e.pos.stream_cmp(pos) == Some(Ordering::Less) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(id: &str, room: &str) -> ChatMessage {
+        ChatMessage {
+            id: id.into(),
+            room: room.into(),
+            author: "a".into(),
+            text: format!("text {id}"),
+            sent_at: "2026-12-03T16:00:00.000Z".into(),
+        }
+    }
+
+    fn pos(seq: u64) -> Position {
+        Position::Memory { epoch: 1, seq }
+    }
+
+    fn rooms(window: usize) -> Rooms {
+        Rooms::new(RoomsConfig { window, socket_queue: 8, max_rooms: 3, dedup_ids: 100 }, Arc::new(Metrics::new()))
+    }
+
+    fn ids(entries: &[Arc<Entry>]) -> Vec<&str> {
+        entries.iter().map(|e| e.message.id.as_str()).collect()
+    }
+
+    #[test]
+    fn frame_is_the_protocol_message_frame() {
+        let e = Entry::new(pos(1), msg("x", "lobby"));
+        let v: serde_json::Value = serde_json::from_str(e.frame.as_str()).unwrap();
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["cursor"], e.cursor.as_str());
+        assert_eq!(v["message"]["id"], "x");
+    }
+
+    #[test]
+    fn duplicates_are_dropped_and_reported() {
+        let r = rooms(10);
+        assert!(matches!(r.publish(pos(1), msg("a", "lobby")), Published::New(_)));
+        match r.publish(pos(2), msg("a", "lobby")) {
+            Published::Duplicate(e) => assert_eq!(e.pos, pos(1)),
+            Published::New(_) => panic!("duplicate published"),
+        }
+        assert_eq!(ids(&r.history("lobby", None, 10)), ["a"]);
+    }
+
+    #[test]
+    fn since_inside_window_gives_exactly_the_rest() {
+        let r = rooms(10);
+        for i in 1..=5 {
+            r.publish(pos(i * 2), msg(&format!("m{i}"), "lobby"));
+            r.publish(pos(i * 2 + 1), msg(&format!("o{i}"), "other"));
+        }
+        let s = r.subscribe("lobby", Some(&pos(6)), 50);
+        assert!(matches!(s.start, Start::After));
+        assert_eq!(ids(&s.backlog), ["m4", "m5"]);
+        // A position from another room between two of ours works too.
+        let s = r.subscribe("lobby", Some(&pos(7)), 50);
+        assert_eq!(ids(&s.backlog), ["m4", "m5"]);
+        // The newest position: nothing missed.
+        let s = r.subscribe("lobby", Some(&pos(11)), 50);
+        assert!(matches!(s.start, Start::After));
+        assert!(s.backlog.is_empty());
+    }
+
+    #[test]
+    fn since_outside_window_is_reported() {
+        let r = rooms(3);
+        for i in 1..=5 {
+            r.publish(pos(i), msg(&format!("m{i}"), "lobby"));
+        }
+        assert!(r.evicted("lobby"));
+        let s = r.subscribe("lobby", Some(&pos(1)), 50);
+        assert!(matches!(s.start, Start::OutOfWindow));
+        assert_eq!(ids(&s.backlog), ["m3", "m4", "m5"]);
+        let s = r.subscribe("lobby", Some(&Position::Memory { epoch: 2, seq: 4 }), 50);
+        assert!(matches!(s.start, Start::OutOfWindow));
+    }
+
+    #[test]
+    fn history_pages_backwards() {
+        let r = rooms(100);
+        for i in 1..=10 {
+            r.publish(pos(i), msg(&format!("m{i}"), "lobby"));
+        }
+        assert_eq!(ids(&r.history("lobby", None, 3)), ["m8", "m9", "m10"]);
+        assert_eq!(ids(&r.history("lobby", Some(&pos(8)), 3)), ["m5", "m6", "m7"]);
+        assert_eq!(ids(&r.history("lobby", Some(&pos(2)), 3)), ["m1"]);
+        assert!(r.history("nowhere", None, 3).is_empty());
+    }
+
+    #[tokio::test]
+    async fn live_follows_backlog_without_gap() {
+        let r = rooms(10);
+        r.publish(pos(1), msg("a", "lobby"));
+        let mut s = r.subscribe("lobby", None, 50);
+        r.publish(pos(2), msg("b", "lobby"));
+        assert_eq!(ids(&s.backlog), ["a"]);
+        assert_eq!(s.live.recv().await.unwrap().message.id, "b");
+    }
+
+    #[test]
+    fn idle_rooms_are_forgotten_beyond_the_limit() {
+        let r = rooms(10);
+        let _keep = r.subscribe("busy", None, 50);
+        for (i, name) in ["busy", "a", "b", "c", "d"].iter().enumerate() {
+            r.publish(pos(i as u64), msg(&format!("{name}{i}"), name));
+        }
+        let kept = r.rooms.lock().len();
+        assert!(kept <= 3, "{kept} rooms kept");
+        assert_eq!(ids(&r.history("busy", None, 10)), ["busy0"]);
+    }
+}
