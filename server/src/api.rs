@@ -15,6 +15,7 @@ use app::{
     MAX_BODY_BYTES, MAX_HISTORY_LIMIT,
 };
 use axum::body::Body;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, FromRequestParts, Query, Request, State, WebSocketUpgrade};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -205,10 +206,13 @@ pub struct WsQuery {
 pub async fn websocket(
     State(state): State<AppState>,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(format!("Bad query string ({e})."), None))?;
     let room = room_param(q.room)?;
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::bad_request(format!("/ws takes a WebSocket upgrade request ({}).", e.body_text()), None)
+    })?;
     let since = q.since.filter(|s| !s.is_empty());
     let sessions = state.sessions.clone();
     Ok(upgrade
