@@ -73,6 +73,58 @@ pub struct Config {
     /// How long shutdown waits for in-flight requests and sockets.
     #[arg(long, env = "CHAT_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Kinesis endpoint URL (a local emulator, or a proxy in tests); the SDK's
+    /// default AWS endpoint for the region when unset.
+    #[arg(long, env = "AWS_ENDPOINT_URL_KINESIS")]
+    pub kinesis_endpoint: Option<String>,
+
+    /// Shards of a stream made by --create-stream.
+    #[arg(long, env = "CHAT_KINESIS_SHARDS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=500))]
+    pub kinesis_shards: u32,
+
+    /// Base interval between GetRecords calls per shard. Kinesis allows 5
+    /// calls/s per shard shared by every reader, so never below 200ms; with
+    /// N instances, N x 200ms avoids throttling altogether.
+    #[arg(long, env = "CHAT_KINESIS_POLL_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub kinesis_poll_interval: Duration,
+
+    /// Longest the per-shard poll interval grows to while throttled.
+    #[arg(long, env = "CHAT_KINESIS_MAX_POLL_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub kinesis_max_poll_interval: Duration,
+
+    /// How far back a starting instance reads to fill its history (0 starts
+    /// at the tip). The per-room history size caps what is kept.
+    #[arg(long, env = "CHAT_KINESIS_BACKFILL", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub kinesis_backfill: Duration,
+
+    /// Time limit of one Kinesis call (connect, read and whole attempt).
+    #[arg(long, env = "CHAT_KINESIS_CALL_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub kinesis_call_timeout: Duration,
+
+    /// How long a POST may wait for the stream (queueing and retries)
+    /// before it is answered 503; the message is then never written.
+    #[arg(long, env = "CHAT_KINESIS_PUT_BUDGET", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub kinesis_put_budget: Duration,
+
+    /// Longest a message waits for others to share its PutRecords call
+    /// while another call is in flight (an idle producer sends at once).
+    #[arg(long, env = "CHAT_KINESIS_LINGER", default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub kinesis_linger: Duration,
+
+    /// Messages waiting for the stream at once; beyond this POSTs get 503.
+    #[arg(long, env = "CHAT_KINESIS_PRODUCER_QUEUE", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub kinesis_producer_queue: u64,
+
+    /// How often the shard list is refreshed (to see reshards by others).
+    #[arg(long, env = "CHAT_KINESIS_LIST_SHARDS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub kinesis_list_shards_interval: Duration,
+
+    /// A shard with no successful read for this long makes /readyz 503.
+    #[arg(long, env = "CHAT_KINESIS_STUCK_AFTER", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub kinesis_stuck_after: Duration,
 }
 
 impl Config {
@@ -95,6 +147,32 @@ impl Config {
         }
         if self.ws_write_timeout < Duration::from_millis(100) {
             return Err("invalid --ws-write-timeout: must be at least 100ms".into());
+        }
+        if self.kinesis_poll_interval < Duration::from_millis(200) {
+            return Err("invalid --kinesis-poll-interval: Kinesis allows 5 reads/s per shard, so at least 200ms".into());
+        }
+        if self.kinesis_max_poll_interval < self.kinesis_poll_interval {
+            return Err("invalid --kinesis-max-poll-interval: must be at least --kinesis-poll-interval".into());
+        }
+        if self.kinesis_call_timeout < Duration::from_millis(100) {
+            return Err("invalid --kinesis-call-timeout: must be at least 100ms".into());
+        }
+        if self.kinesis_put_budget < self.kinesis_call_timeout {
+            return Err("invalid --kinesis-put-budget: must be at least --kinesis-call-timeout".into());
+        }
+        if self.kinesis_linger > Duration::from_secs(1) {
+            return Err("invalid --kinesis-linger: at most 1s".into());
+        }
+        if self.kinesis_list_shards_interval < Duration::from_secs(1) {
+            return Err("invalid --kinesis-list-shards-interval: must be at least 1s".into());
+        }
+        if self.kinesis_stuck_after < Duration::from_secs(1) {
+            return Err("invalid --kinesis-stuck-after: must be at least 1s".into());
+        }
+        if let Some(url) = &self.kinesis_endpoint {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("invalid --kinesis-endpoint {url:?}: must be an http:// or https:// URL"));
+            }
         }
         Ok(())
     }

@@ -8,7 +8,9 @@
 //! 2. The message goes to the stream through the [`backend::Backend`] seam
 //!    (`backend/mod.rs`): the embedded `backend/memory.rs`, or Kinesis. The
 //!    POST is answered 201 with the message's cursor only after the stream
-//!    accepted it; otherwise 503 and the message never appears.
+//!    accepted it; otherwise 503 and the message never appears. On Kinesis
+//!    (`backend/kinesis/`), `producer.rs` batches POSTs into `PutRecords`
+//!    and `reader.rs` reads every shard on every instance into step 3.
 //! 3. Whatever the stream holds is fed, in stream order, into the hub
 //!    [`rooms::Rooms`] (`rooms.rs`): deduplicated by id, serialized once into
 //!    a `message` frame, kept in the room's bounded window, and broadcast.
@@ -98,7 +100,10 @@ impl AppState {
         let rooms = Arc::new(Rooms::new(rooms_config, metrics.clone()));
         let backend: Arc<dyn Backend> = match config.backend {
             BackendKind::Memory => Arc::new(MemoryBackend::new(rooms.clone())),
-            BackendKind::Kinesis => anyhow::bail!("the kinesis backend is not built yet; use --backend memory"),
+            BackendKind::Kinesis => Arc::new(
+                backend::kinesis::KinesisBackend::start(config, rooms.clone(), metrics.clone(), shutdown.clone())
+                    .await?,
+            ),
         };
         Ok(Self::with_backend(config, backend, rooms, metrics, shutdown))
     }

@@ -11,6 +11,7 @@
 //!
 //! [`Rooms`]: crate::rooms::Rooms
 
+pub mod kinesis;
 pub mod memory;
 
 use crate::cursor::Position;
