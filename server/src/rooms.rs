@@ -50,13 +50,17 @@ pub struct RoomsConfig {
     /// Rooms kept at once; the least recently active room with no sockets
     /// is forgotten beyond this, so junk room names cannot exhaust memory.
     pub max_rooms: usize,
+    /// Messages kept across all rooms; beyond it the oldest message of
+    /// the whole hub is dropped from its room's window. With `max_rooms`
+    /// this bounds memory whatever room names clients invent.
+    pub max_messages: usize,
     /// Message ids remembered for deduplication and idempotent POSTs.
     pub dedup_ids: usize,
 }
 
 impl Default for RoomsConfig {
     fn default() -> Self {
-        Self { window: 1000, socket_queue: 1024, max_rooms: 10_000, dedup_ids: 200_000 }
+        Self { window: 1000, socket_queue: 1024, max_rooms: 10_000, max_messages: 100_000, dedup_ids: 100_000 }
     }
 }
 
@@ -104,16 +108,24 @@ struct Seen {
     order: VecDeque<String>,
 }
 
+/// The rooms, and every retained message in publish order (for the
+/// global `max_messages` bound).
+#[derive(Default)]
+struct Hub {
+    rooms: HashMap<String, Room>,
+    order: VecDeque<Arc<Entry>>,
+}
+
 pub struct Rooms {
     config: RoomsConfig,
     metrics: Arc<Metrics>,
-    rooms: Mutex<HashMap<String, Room>>,
+    hub: Mutex<Hub>,
     seen: Mutex<Seen>,
 }
 
 impl Rooms {
     pub fn new(config: RoomsConfig, metrics: Arc<Metrics>) -> Self {
-        Self { config, metrics, rooms: Mutex::new(HashMap::new()), seen: Mutex::new(Seen::default()) }
+        Self { config, metrics, hub: Mutex::new(Hub::default()), seen: Mutex::new(Seen::default()) }
     }
 
     pub fn config(&self) -> &RoomsConfig {
@@ -145,8 +157,8 @@ impl Rooms {
             entry
         };
 
-        let mut rooms = self.rooms.lock();
-        let room = self.room_mut(&mut rooms, &entry.message.room);
+        let mut hub = self.hub.lock();
+        let room = self.room_mut(&mut hub.rooms, &entry.message.room);
         room.window.push_back(entry.clone());
         while room.window.len() > self.config.window {
             room.window.pop_front();
@@ -155,13 +167,25 @@ impl Rooms {
         room.last_active = Instant::now();
         // An error only means nobody is listening in this room right now.
         let _no_listeners = room.tx.send(entry.clone());
+        hub.order.push_back(entry.clone());
+        while hub.order.len() > self.config.max_messages {
+            let Some(oldest) = hub.order.pop_front() else { break };
+            // Still at the front of its room unless the room's own bound
+            // (or forgetting the room) dropped it already.
+            if let Some(r) = hub.rooms.get_mut(&oldest.message.room) {
+                if r.window.front().is_some_and(|f| Arc::ptr_eq(f, &oldest)) {
+                    r.window.pop_front();
+                    r.evicted = true;
+                }
+            }
+        }
         Published::New(entry)
     }
 
     /// Subscribes to a room, with the backlog that precedes the live feed.
     pub fn subscribe(&self, room: &str, since: Option<&Position>, history: usize) -> Subscription {
-        let mut rooms = self.rooms.lock();
-        let r = self.room_mut(&mut rooms, room);
+        let mut hub = self.hub.lock();
+        let r = self.room_mut(&mut hub.rooms, room);
         let live = r.tx.subscribe();
         let (start, backlog) = match since {
             None => (Start::History, tail(&r.window, history)),
@@ -176,8 +200,8 @@ impl Rooms {
     /// Up to `limit` messages strictly before `before` (or the newest),
     /// oldest first. A `before` that cannot be placed gives an empty page.
     pub fn history(&self, room: &str, before: Option<&Position>, limit: usize) -> Vec<Arc<Entry>> {
-        let rooms = self.rooms.lock();
-        let Some(r) = rooms.get(room) else { return Vec::new() };
+        let hub = self.hub.lock();
+        let Some(r) = hub.rooms.get(room) else { return Vec::new() };
         let end = match before {
             None => r.window.len(),
             Some(pos) => match index_after(&r.window, pos) {
@@ -195,7 +219,7 @@ impl Rooms {
     /// Whether the room's window has ever dropped messages (memory
     /// backend: whether `since` older than the window is still complete).
     pub fn evicted(&self, room: &str) -> bool {
-        self.rooms.lock().get(room).is_some_and(|r| r.evicted)
+        self.hub.lock().rooms.get(room).is_some_and(|r| r.evicted)
     }
 
     fn room_mut<'a>(&self, rooms: &'a mut HashMap<String, Room>, name: &str) -> &'a mut Room {
@@ -265,7 +289,10 @@ mod tests {
     }
 
     fn rooms(window: usize) -> Rooms {
-        Rooms::new(RoomsConfig { window, socket_queue: 8, max_rooms: 3, dedup_ids: 100 }, Arc::new(Metrics::new()))
+        Rooms::new(
+            RoomsConfig { window, socket_queue: 8, max_rooms: 3, max_messages: 12, dedup_ids: 100 },
+            Arc::new(Metrics::new()),
+        )
     }
 
     fn ids(entries: &[Arc<Entry>]) -> Vec<&str> {
@@ -348,13 +375,29 @@ mod tests {
     }
 
     #[test]
+    fn the_hub_keeps_at_most_max_messages_dropping_the_oldest() {
+        let r = rooms(10);
+        for i in 0..8 {
+            r.publish(pos(i), msg(&format!("a{i}"), "a"));
+        }
+        for i in 8..16 {
+            r.publish(pos(i), msg(&format!("b{i}"), "b"));
+        }
+        // 16 published, 12 kept: the 4 oldest (all of room a) went.
+        assert_eq!(ids(&r.history("a", None, 50)), ["a4", "a5", "a6", "a7"]);
+        assert_eq!(r.history("b", None, 50).len(), 8);
+        assert!(r.evicted("a"));
+        assert!(!r.evicted("b"));
+    }
+
+    #[test]
     fn idle_rooms_are_forgotten_beyond_the_limit() {
         let r = rooms(10);
         let _keep = r.subscribe("busy", None, 50);
         for (i, name) in ["busy", "a", "b", "c", "d"].iter().enumerate() {
             r.publish(pos(i as u64), msg(&format!("{name}{i}"), name));
         }
-        let kept = r.rooms.lock().len();
+        let kept = r.hub.lock().rooms.len();
         assert!(kept <= 3, "{kept} rooms kept");
         assert_eq!(ids(&r.history("busy", None, 10)), ["busy0"]);
     }
