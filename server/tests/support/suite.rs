@@ -98,7 +98,10 @@ pub async fn since_gives_exactly_the_rest(d: &impl Deployment) {
 /// An unknown `since` gets `reset`, then the history.
 pub async fn unknown_since_resets(d: &impl Deployment) {
     let s = d.instance().await;
-    s.send("reset", "ana", "kept").await;
+    let (mut w, _) = s.ws_ready("reset").await;
+    let (kept, _) = s.send("reset", "ana", "kept").await;
+    // Wait for the stream round trip, so "kept" is history everywhere.
+    assert_eq!(w.messages(1).await[0].1, kept);
     for since in ["garbage", "bS4xLjI", "bS4xLjI.extra"] {
         let mut r = s.ws(&format!("room=reset&since={since}")).await;
         let b = r.until_ready().await;
