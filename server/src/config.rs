@@ -46,6 +46,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_rooms: u64,
 
+    /// Messages kept in memory across all rooms (bounds memory whatever
+    /// room names clients invent); the oldest go first.
+    #[arg(long, env = "CHAT_MAX_MESSAGES", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_messages: u64,
+
     /// Messages a socket may fall behind before it is closed with 4008.
     #[arg(long, env = "CHAT_WS_QUEUE", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..=65_536))]
@@ -204,7 +210,7 @@ mod tests {
         assert!(Config::try_parse_from(["kinesis-chat", "--history-per-room", "0"]).is_err());
         let c = Config::try_parse_from(["kinesis-chat", "--stream", "bad name"]).unwrap();
         assert!(c.validate().unwrap_err().contains("--stream"));
-        let c = Config::try_parse_from(["kinesis-chat", "--rate-limit", "-1"]).unwrap();
+        let c = Config::try_parse_from(["kinesis-chat", "--rate-limit=-1"]).unwrap();
         assert!(c.validate().is_err());
     }
 }
