@@ -51,6 +51,13 @@ enum Command {
         out: PathBuf,
         files: Vec<PathBuf>,
     },
+    /// Exit 0 if a result held every socket, lost nothing and kept p99
+    /// under the limit (the capacity workload's pass mark); say why not.
+    Check {
+        #[arg(long)]
+        max_p99_ms: f64,
+        file: PathBuf,
+    },
     /// Print a Markdown table comparing systems, one column each.
     Table {
         #[arg(long)]
@@ -157,6 +164,34 @@ fn main() -> anyhow::Result<()> {
             eprintln!("loadgen: merged {}", merged.summary());
             merged.save(&out)
         }
+        Command::Check { max_p99_ms, file } => {
+            let r = RunResult::load(&file)?;
+            let mut why = Vec::new();
+            if r.subs_connected < r.subs_requested {
+                why.push(format!("{} of {} sockets connected", r.subs_connected, r.subs_requested));
+            }
+            if r.latency_samples == 0 {
+                why.push("no latency samples".to_string());
+            } else if r.p99_ms >= max_p99_ms {
+                why.push(format!("p99 {:.0} ms", r.p99_ms));
+            }
+            if r.deliveries_lost > 0 {
+                why.push(format!("{} deliveries lost", r.deliveries_lost));
+            }
+            if r.slow_consumer_closes + r.other_closes > 0 {
+                why.push(format!("{} sockets closed", r.slow_consumer_closes + r.other_closes));
+            }
+            if r.posts_failed > 0 {
+                why.push(format!("{} POSTs failed", r.posts_failed));
+            }
+            if why.is_empty() {
+                println!("pass");
+                Ok(())
+            } else {
+                println!("fail: {}", why.join(", "));
+                std::process::exit(1);
+            }
+        }
         Command::Table { title, metrics, systems } => {
             let mut columns = Vec::new();
             for s in &systems {
@@ -204,7 +239,8 @@ async fn run(args: &RunArgs) -> anyhow::Result<RunResult> {
         read_buffer: args.read_buffer,
     });
     let shared = Arc::new(Shared::new());
-    let (stop_subs, stop_rx) = tokio::sync::watch::channel(false);
+    // Subscribers are ended by aborting their tasks (see subscriber::End).
+    let tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
 
     // Connect phase: at most `connect_concurrency` handshakes in flight.
     let connect_started = Instant::now();
@@ -212,7 +248,7 @@ async fn run(args: &RunArgs) -> anyhow::Result<RunResult> {
     let spawner = {
         let (target, shared, sources) = (target.clone(), shared.clone(), args.sources.clone());
         let (n, concurrency) = (args.subs, args.connect_concurrency.max(1));
-        let stop_rx = stop_rx.clone();
+        let tasks = tasks.clone();
         tokio::spawn(async move {
             let gate = Arc::new(tokio::sync::Semaphore::new(concurrency));
             for i in 0..n {
@@ -222,7 +258,10 @@ async fn run(args: &RunArgs) -> anyhow::Result<RunResult> {
                 let Ok(permit) = gate.clone().acquire_owned().await else { break };
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let source = sources[(i as usize) % sources.len()];
-                tokio::spawn(subscriber::run(target.clone(), source, shared.clone(), tx, stop_rx.clone()));
+                let task = tokio::spawn(subscriber::run(target.clone(), source, shared.clone(), tx));
+                if let Ok(mut t) = tasks.lock() {
+                    t.push(task.abort_handle());
+                }
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
                     drop(permit);
@@ -288,8 +327,9 @@ async fn run(args: &RunArgs) -> anyhow::Result<RunResult> {
     }
     shared.recording.store(false, Ordering::Relaxed);
     let end = sample();
-    let _ = stop_subs.send(true);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Ok(t) = tasks.lock() {
+        t.iter().for_each(|t| t.abort());
+    }
 
     let posts_ok = stats.ok.load(Ordering::Relaxed);
     let deliveries_total = shared.deliveries.load(Ordering::Relaxed);

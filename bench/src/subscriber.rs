@@ -20,6 +20,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Put by the poster in front of the send time (µs since the Unix epoch).
 pub const MARKER: &[u8] = b"kcb1:";
+/// Latency samples a subscriber keeps before merging them into the shared
+/// histogram: few enough to keep 100,000 sockets small, many enough that
+/// the lock is taken rarely.
+const LOCAL_SAMPLES: usize = 32;
 
 /// Which server protocol to speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -138,10 +142,9 @@ pub async fn run(
     source: IpAddr,
     shared: Arc<Shared>,
     ready: tokio::sync::oneshot::Sender<bool>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut ready = Some(ready);
-    let result = session(&target, source, &shared, &mut ready, &mut stop).await;
+    let result = session(&target, source, &shared, &mut ready).await;
     let was_live = ready.is_none();
     if let Some(tx) = ready.take() {
         shared.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -151,7 +154,6 @@ pub async fn run(
         shared.live.fetch_sub(1, Ordering::Relaxed);
     }
     match result {
-        Ok(End::Stopped) => {}
         Ok(End::Closed(Some(4008))) => {
             shared.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
         }
@@ -167,8 +169,11 @@ pub async fn run(
     }
 }
 
+/// How the server ended a session (the load generator ends its own by
+/// aborting the task: dropping the socket resets it, thanks to SO_LINGER 0,
+/// and a close handshake with 10,000 sockets would only measure the close
+/// path).
 enum End {
-    Stopped,
     Closed(Option<u16>),
 }
 
@@ -177,7 +182,6 @@ async fn session(
     source: IpAddr,
     shared: &Shared,
     ready: &mut Option<tokio::sync::oneshot::Sender<bool>>,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<End> {
     let tcp = connect_tcp(source, target.server).await?;
     let config = WebSocketConfig::default()
@@ -190,15 +194,12 @@ async fn session(
         .context("WebSocket handshake")?;
 
     let mut count: u64 = 0;
-    let mut local = new_histogram();
+    // A few samples kept per socket and merged in bulk: a histogram per
+    // socket would be ~250 KiB each, and the shared one's lock would be hot.
+    let mut local: Vec<u64> = Vec::new();
     let mut live = false;
     let end = loop {
-        let msg = tokio::select! {
-            biased;
-            _ = stop.changed() => break End::Stopped,
-            msg = ws.next() => msg,
-        };
-        let msg = match msg {
+        let msg = match ws.next().await {
             None => break End::Closed(None),
             Some(Err(e)) => {
                 flush_latency(shared, &mut local);
@@ -253,21 +254,16 @@ async fn session(
         if count % target.sample_every == 0 && shared.recording.load(Ordering::Relaxed) {
             if let Some(sent) = sent_at_us(bytes) {
                 if sent >= shared.record_since_us.load(Ordering::Relaxed) {
-                    let _ = local.record(now_us().saturating_sub(sent).max(1));
+                    local.push(now_us().saturating_sub(sent).max(1));
                 }
             }
             // Merge now and then so the shared lock stays cold.
-            if local.len() >= 64 {
+            if local.len() >= LOCAL_SAMPLES {
                 flush_latency(shared, &mut local);
             }
         }
     };
     flush_latency(shared, &mut local);
-    if matches!(end, End::Stopped) {
-        // Reset by dropping (SO_LINGER 0): a close handshake with 10,000
-        // sockets would only measure the close path.
-        drop(ws);
-    }
     Ok(end)
 }
 
@@ -278,14 +274,16 @@ fn go_live(shared: &Shared, ready: &mut Option<tokio::sync::oneshot::Sender<bool
     }
 }
 
-fn flush_latency(shared: &Shared, local: &mut Histogram<u64>) {
+fn flush_latency(shared: &Shared, local: &mut Vec<u64>) {
     if local.is_empty() {
         return;
     }
     if let Ok(mut h) = shared.latency.lock() {
-        let _ = h.add(&*local);
+        for &v in local.iter() {
+            h.saturating_record(v);
+        }
     }
-    local.reset();
+    local.clear();
 }
 
 /// The send time after [`MARKER`] in a frame, if any.
