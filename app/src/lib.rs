@@ -5,6 +5,8 @@
 //! is behind the `ssr` feature, browser-only code behind `hydrate`/`csr`.
 
 pub mod protocol;
+#[cfg(feature = "ui")]
+pub mod ui;
 pub mod validate;
 
 pub use protocol::*;

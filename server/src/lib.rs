@@ -21,7 +21,9 @@
 //!
 //! Around that: `config.rs` (flags and env vars), `error.rs` (every error a
 //! client can see), `ratelimit.rs` (429s), `metrics.rs` (`/metrics`),
-//! `plain.rs` (the fallback client at `/plain/`), and `main.rs`, which only
+//! `plain.rs` (the fallback client at `/plain/`), `ssr.rs` (the Leptos
+//! client at `/`: server-rendered with the room's history, hydrated by the
+//! wasm under `/pkg/`, and the HTML 404 page), and `main.rs`, which only
 //! parses the config, binds and calls [`run`].
 
 pub mod api;
@@ -33,6 +35,7 @@ pub mod metrics;
 pub mod plain;
 pub mod ratelimit;
 pub mod rooms;
+pub mod ssr;
 pub mod ws;
 
 use crate::backend::memory::MemoryBackend;
@@ -43,7 +46,7 @@ use crate::ratelimit::RateLimiter;
 use crate::rooms::{Rooms, RoomsConfig};
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
-use axum::response::{Redirect, Response};
+use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use std::net::SocketAddr;
@@ -142,10 +145,10 @@ pub fn app(state: AppState) -> Router {
         .route("/plain/", get(plain::index))
         .route("/plain/plain.js", get(plain::script))
         .route("/plain/plain.css", get(plain::style))
-        .route("/", get(|| async { Redirect::temporary("/plain/") }))
+        .merge(ssr::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), record_latency))
         .method_not_allowed_fallback(api::method_not_allowed);
-    api.fallback(api::not_found).with_state(state)
+    api.fallback(ssr::fallback).with_state(state)
 }
 
 async fn record_latency(
@@ -171,6 +174,7 @@ pub async fn run(listener: TcpListener, state: AppState) -> anyhow::Result<()> {
     let shutdown = state.shutdown.clone();
     let sessions = state.sessions.clone();
     let grace = state.shutdown_grace;
+    ssr::log_site();
     let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, service)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
