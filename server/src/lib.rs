@@ -98,7 +98,8 @@ impl AppState {
             window: config.history_per_room as usize,
             socket_queue: config.ws_queue as usize,
             max_rooms: config.max_rooms as usize,
-            ..RoomsConfig::default()
+            max_messages: config.max_messages as usize,
+            dedup_ids: config.max_messages as usize,
         };
         let rooms = Arc::new(Rooms::new(rooms_config, metrics.clone()));
         let backend: Arc<dyn Backend> = match config.backend {
