@@ -58,7 +58,7 @@ struct Session {
 
 impl Session {
     /// Writes frames with one flush, within the write timeout.
-    async fn send_all(&mut self, frames: &[Utf8Bytes]) -> Result<(), Stop> {
+    async fn send_all<'a>(&mut self, frames: impl Iterator<Item = &'a Utf8Bytes> + Send) -> Result<(), Stop> {
         let socket = &mut self.socket;
         let write = async {
             for f in frames {
@@ -73,22 +73,11 @@ impl Session {
         }
     }
 
-    /// Writes message entries with one flush, within the write timeout.
+    /// Writes message entries with one flush, and counts the deliveries.
     async fn send_entries(&mut self, entries: &[Arc<Entry>]) -> Result<(), Stop> {
         let Some(last) = entries.last() else { return Ok(()) };
         self.last_cursor.clone_from(&last.cursor);
-        let socket = &mut self.socket;
-        let write = async {
-            for e in entries {
-                socket.feed(Message::Text(e.frame.clone())).await?;
-            }
-            socket.flush().await
-        };
-        match timeout(self.state.ws.write_timeout, write).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(Stop::Gone),
-            Err(_) => return Err(Stop::Slow),
-        }
+        self.send_all(entries.iter().map(|e| &e.frame)).await?;
         self.state.metrics.deliveries.inc_by(entries.len() as u64);
         Ok(())
     }
@@ -96,7 +85,7 @@ impl Session {
     async fn send_frame(&mut self, frame: &ServerFrame) -> Result<(), Stop> {
         // Serializing plain strings cannot fail.
         let json = serde_json::to_string(frame).expect("serialize frame");
-        self.send_all(&[Utf8Bytes::from(json)]).await
+        self.send_all(std::iter::once(&Utf8Bytes::from(json))).await
     }
 
     async fn close(&mut self, code: u16, reason: &'static str, within: Duration) {
