@@ -16,7 +16,9 @@ export const SITE_PKG = path.join(process.env.LEPTOS_SITE_ROOT
 /** Fails early, with the fix, when the wasm was not built; logs its size. */
 export function requireSite() {
   before(() => {
-    const wasm = path.join(SITE_PKG, 'kinesis-chat.wasm');
+    // cargo-leptos writes kinesis-chat.wasm; a hand-run wasm-bindgen, *_bg.wasm.
+    const wasm = ['kinesis-chat.wasm', 'kinesis-chat_bg.wasm'].map((f) => path.join(SITE_PKG, f)).find(existsSync)
+      ?? path.join(SITE_PKG, 'kinesis-chat.wasm');
     assert.ok(existsSync(wasm), `${wasm} is missing: run \`cargo leptos build --release\` (scripts/build-release) first`);
     const sizes = readdirSync(SITE_PKG)
       .filter((f) => /\.(wasm|js|css)$/.test(f))

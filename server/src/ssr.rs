@@ -90,11 +90,13 @@ pub fn routes() -> Router<AppState> {
     // A server built by plain `cargo build` (no LEPTOS_OUTPUT_NAME at compile
     // time) asks for wasm-bindgen's `<name>_bg.wasm`; cargo-leptos writes
     // `<name>.wasm`. Answer both, so any build of the server works.
-    let wasm = ServeFile::new(pkg.join(format!("{}.wasm", o.output_name)));
-    Router::new()
-        .route("/", get(page))
-        .route_service(&format!("/{}/{}_bg.wasm", o.site_pkg_dir, o.output_name), wasm)
-        .nest_service(&format!("/{}", o.site_pkg_dir), files)
+    let mut router = Router::new().route("/", get(page));
+    let bg_name = format!("{}_bg.wasm", o.output_name);
+    if !pkg.join(&bg_name).exists() {
+        let wasm = ServeFile::new(pkg.join(format!("{}.wasm", o.output_name)));
+        router = router.route_service(&format!("/{}/{bg_name}", o.site_pkg_dir), wasm);
+    }
+    router.nest_service(&format!("/{}", o.site_pkg_dir), files)
 }
 
 /// `GET /`: the chat page, rendered with the room's recent history.

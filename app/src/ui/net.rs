@@ -560,7 +560,13 @@ async fn deliver(chat: Chat, id: String) {
                 }
             }
             Err(f) => {
+                // The failure grows the row (sentence, buttons): keep it in view.
+                let scroller = NET.with_borrow(|n| n.scroller);
+                let follow = scroller.is_some_and(at_bottom);
                 chat.settle(&id, Err((f.problem, !f.retryable)));
+                if let (true, Some(s)) = (follow, scroller) {
+                    request_animation_frame(move || scroll_to_bottom(s));
+                }
                 return;
             }
         }

@@ -132,7 +132,7 @@ fn RoomSwitcher() -> impl IntoView {
                 autocapitalize="none" enterkeyhint="go" aria-describedby="room-problem"
                 prop:value=move || wanted.get() on:input=move |ev| wanted.set(event_target_value(&ev))/>
             <button type="submit" class="secondary">"Go"</button>
-            <span id="room-problem" class="room-problem" role="alert">{move || problem.get().unwrap_or_default()}</span>
+            {move || problem.get().map(|p| view! { <span id="room-problem" class="room-problem" role="alert">{p}</span> })}
         </form>
     }
 }
@@ -293,7 +293,7 @@ fn Composer(name_input: NodeRef<leptos::html::Input>, text_input: NodeRef<leptos
                     }></textarea>
                 <button type="submit" data-testid="send-button">"Send"</button>
             </div>
-            <p class="hint">
+            <p class="hint" class:has-counter=move || left() <= COUNTER_FROM>
                 <span id="hint">"Enter sends · Shift+Enter adds a new line"</span>
                 <span id="counter" class="counter" class:over=move || left() < 0 aria-live="polite">{counter}</span>
             </p>
