@@ -26,6 +26,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(90);
 pub fn aws_env() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
+        // RUST_LOG=server=debug shows the server's logs in test output.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         // Set once, guarded by `Once`, before any test thread reads them.
         std::env::set_var("AWS_REGION", REGION);
         std::env::set_var("AWS_ACCESS_KEY_ID", "test");
@@ -257,8 +264,9 @@ pub fn kinesis_config(endpoint: &str, stream: &str) -> Config {
     c.backend = BackendKind::Kinesis;
     c.stream = stream.to_owned();
     c.kinesis_endpoint = Some(endpoint.to_owned());
-    c.kinesis_call_timeout = Duration::from_secs(2);
-    c.kinesis_put_budget = Duration::from_secs(6);
+    // Generous: the emulator slows down a lot on a busy 2-core machine.
+    c.kinesis_call_timeout = Duration::from_secs(3);
+    c.kinesis_put_budget = Duration::from_secs(10);
     c.kinesis_list_shards_interval = Duration::from_secs(2);
     c.kinesis_stuck_after = Duration::from_secs(4);
     c.kinesis_max_poll_interval = Duration::from_secs(2);
@@ -288,4 +296,27 @@ pub async fn wait_readyz(s: &TestServer, status: u16) -> serde_json::Value {
         assert!(started.elapsed() < WAIT * 2, "/readyz stayed {got} ({body}), expected {status}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Two room names whose partition keys land on different shards of a
+/// 2-shard stream (lower and upper half of the hash range).
+pub fn rooms_on_two_shards() -> (String, String) {
+    use server::backend::kinesis::client::hash_key;
+    let half = u128::MAX / 2;
+    let names = (0..).map(|i| format!("room-{i}"));
+    let low = names.clone().find(|n| hash_key(n) <= half).expect("a low room");
+    let high = names.clone().find(|n| hash_key(n) > half).expect("a high room");
+    (low, high)
+}
+
+/// The value of a metric line `name{labels} value` (summed over label
+/// sets containing `label_filter`), from `/metrics`.
+pub async fn metric(s: &TestServer, name: &str, label_filter: &str) -> f64 {
+    let (_, text) = s.get_text("/metrics").await;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(label_filter))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
 }

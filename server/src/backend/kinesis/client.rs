@@ -19,6 +19,7 @@ use aws_sdk_kinesis::config::timeout::TimeoutConfig;
 use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::types::StreamStatus;
 use aws_sdk_kinesis::Client;
+use parking_lot::Mutex;
 use std::time::Duration;
 
 /// Attempts (first try included) for control-plane calls.
@@ -27,6 +28,9 @@ const CONTROL_ATTEMPTS: u32 = 3;
 const ACTIVE_WAIT: Duration = Duration::from_secs(60);
 /// How often start-up looks at the stream's status while waiting.
 const ACTIVE_POLL: Duration = Duration::from_millis(250);
+/// How long start-up keeps trying an endpoint that does not answer (an
+/// emulator or network still coming up) before it gives up.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
 
 /// The SDK clients and the stream they talk to.
 pub struct Clients {
@@ -39,6 +43,40 @@ pub struct Clients {
     pub place: String,
     /// The time limit of one data call.
     pub call_timeout: Duration,
+    /// Whether the last data call reached Kinesis (for `/readyz`).
+    pub reach: Reachability,
+}
+
+/// Whether Kinesis answered the most recent data call (any shard reader
+/// or the producer). Per-shard trouble is the reader's business; this says
+/// "the endpoint is down or hangs" as soon as one call finds out.
+#[derive(Default)]
+pub struct Reachability {
+    /// Why the last call got no answer; `None` once one is answered.
+    down: Mutex<Option<String>>,
+}
+
+impl Reachability {
+    /// A call got an answer (even an error answer).
+    pub fn answered(&self) {
+        *self.down.lock() = None;
+    }
+
+    /// Notes a failed call: only no-answer failures mean "unreachable".
+    pub fn failed(&self, e: &CallError) {
+        if matches!(e.kind, Failure::Unreachable | Failure::Timeout) {
+            *self.down.lock() = Some(e.message.clone());
+        } else {
+            self.answered();
+        }
+    }
+
+    pub fn readiness(&self) -> Result<(), String> {
+        match &*self.down.lock() {
+            Some(why) => Err(format!("Kinesis is unreachable: {why}")),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Clients {
@@ -89,6 +127,7 @@ impl Clients {
             stream: config.stream.clone(),
             place,
             call_timeout: call,
+            reach: Reachability::default(),
         })
     }
 
@@ -146,6 +185,9 @@ impl Clients {
                             self.stream,
                             self.place
                         ),
+                        kind if kind.is_transient() && started.elapsed() < STARTUP_PATIENCE => {
+                            tracing::warn!(error = %e, place = %self.place, "Kinesis does not answer yet; retrying");
+                        }
                         _ => anyhow::bail!(
                             "cannot reach Kinesis stream {:?} ({}): {}",
                             self.stream,

@@ -121,7 +121,7 @@ impl Backend for KinesisBackend {
     }
 
     fn readiness(&self) -> Result<(), String> {
-        self.reader.readiness()?;
-        self.producer.health.readiness()
+        self.clients.reach.readiness()?;
+        self.reader.readiness()
     }
 }

@@ -33,7 +33,6 @@ use crate::cursor::Position;
 use crate::metrics::{Labels, Metrics};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-use parking_lot::Mutex;
 use rand::Rng;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -75,27 +74,10 @@ pub struct ProducerSettings {
     pub queue: usize,
 }
 
-/// Why the last whole `PutRecords` call failed, while it keeps failing
-/// (for `/readyz`).
-#[derive(Default)]
-pub struct ProducerHealth {
-    unreachable: Mutex<Option<String>>,
-}
-
-impl ProducerHealth {
-    pub fn readiness(&self) -> Result<(), String> {
-        match &*self.unreachable.lock() {
-            Some(reason) => Err(format!("the stream does not accept writes: {reason}")),
-            None => Ok(()),
-        }
-    }
-}
-
 /// The POST side's handle.
 pub struct Producer {
     tx: mpsc::Sender<Pending>,
     settings: ProducerSettings,
-    pub health: Arc<ProducerHealth>,
 }
 
 /// A verdict for one POST.
@@ -140,12 +122,10 @@ impl Producer {
     ) -> Producer {
         // The channel and the task's own queues each hold at most `queue`.
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
-        let health = Arc::new(ProducerHealth::default());
         let task = Task {
             clients,
             metrics,
             settings: settings.clone(),
-            health: health.clone(),
             rx,
             rooms: HashMap::new(),
             order: VecDeque::new(),
@@ -153,7 +133,7 @@ impl Producer {
             in_flight: JoinSet::new(),
         };
         tokio::spawn(task.run(shutdown));
-        Producer { tx, settings, health }
+        Producer { tx, settings }
     }
 
     /// Writes one message; returns its position once the stream accepted it.
@@ -209,7 +189,6 @@ struct Task {
     clients: Arc<Clients>,
     metrics: Arc<Metrics>,
     settings: ProducerSettings,
-    health: Arc<ProducerHealth>,
     rx: mpsc::Receiver<Pending>,
     rooms: HashMap<String, RoomQueue>,
     /// Every room with queued entries, once, in turn order (fairness).
@@ -405,13 +384,11 @@ impl Task {
         let now = Instant::now();
         let results: Vec<EntryResult> = match result {
             Ok(results) => {
-                *self.health.unreachable.lock() = None;
+                self.clients.reach.answered();
                 results
             }
             Err(e) => {
-                if matches!(e.kind, Failure::Unreachable | Failure::Timeout) {
-                    *self.health.unreachable.lock() = Some(e.message.clone());
-                }
+                self.clients.reach.failed(&e);
                 let retryable = e.kind.is_transient();
                 if retryable {
                     tracing::warn!(error = %e, entries = batch.len(), "PutRecords failed; retrying within the budget");

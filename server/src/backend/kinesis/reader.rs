@@ -426,7 +426,12 @@ async fn read_shard(ctx: Arc<Ctx>, shard: String, start: Start, events: mpsc::Se
                     Some(seq) => Start::AfterSequence(seq.clone()),
                     None => start.clone(),
                 };
-                match shard_iterator(&ctx.clients, &shard, &from).await {
+                let got = shard_iterator(&ctx.clients, &shard, &from).await;
+                match &got {
+                    Ok(_) => ctx.clients.reach.answered(),
+                    Err(e) => ctx.clients.reach.failed(e),
+                }
+                match got {
                     Ok(Some(it)) => it,
                     Ok(None) => {
                         // No iterator: the shard is closed and read to its end.
@@ -454,6 +459,7 @@ async fn read_shard(ctx: Arc<Ctx>, shard: String, start: Start, events: mpsc::Se
         let result = ctx.clients.data.get_records().shard_iterator(&it).limit(RECORDS_PER_CALL).send().await;
         match result {
             Ok(out) => {
+                ctx.clients.reach.answered();
                 if failures > 0 {
                     tracing::info!(%shard, "shard reads again");
                 }
@@ -498,6 +504,7 @@ async fn read_shard(ctx: Arc<Ctx>, shard: String, start: Start, events: mpsc::Se
             }
             Err(e) => {
                 let e = CallError::from_sdk(e);
+                ctx.clients.reach.failed(&e);
                 match e.kind {
                     Failure::Throttled => {
                         ctx.metrics.throttled.get_or_create(&throttle_labels).inc();
