@@ -38,6 +38,10 @@ chatTest('[trunk] trunk serve builds the CSR client and proxies /api/ and /ws to
   const version = spawnSync(TRUNK, ['--version'], { encoding: 'utf8' });
   assert.equal(version.status, 0, `${TRUNK} is not installed (scripts/setup installs trunk 0.21.14)`);
 
+  // Trunk.toml has `offline = true`, which makes cargo offline too: fetch first.
+  const fetched = spawnSync('cargo', ['fetch'], { cwd: REPO, encoding: 'utf8' });
+  assert.equal(fetched.status, 0, `cargo fetch failed\n${fetched.stderr}`);
+
   const server = await h.server();
   const port = await freePort();
   const dir = mkdtempSync(path.join(os.tmpdir(), 'kinesis-chat-trunk-'));

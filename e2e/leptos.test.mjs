@@ -16,7 +16,7 @@ import assert from 'node:assert/strict';
 import { chatSuite } from './chat-suite.mjs';
 import { failOnHydrationWarnings, requireSite } from './leptos-support.mjs';
 import {
-  CLIENTS, chatTest, countMessages, hook, postMessage, readMessages, send, setName,
+  CLIENTS, chatTest, countMessages, hook, listScroll, postMessage, readMessages, send, setName,
   uniqueRoom, useBrowser, waitForMessage, waitForStatus,
 } from './support.mjs';
 
@@ -205,4 +205,24 @@ chatTest('[leptos] the counter appears near the limit; over it the shared rule r
   await page.getByText('Message must be at most 4000 characters (it has 4001).').waitFor();
   assert.equal(await hook(page, 'message').count(), 0, 'nothing was sent');
   assert.equal((await box.inputValue()).length, 2 * 4001, 'the draft is kept');
+});
+
+chatTest('[leptos] a "new messages" pill appears while scrolled up and jumps to the newest', browser, async (h) => {
+  const server = await h.server();
+  const room = uniqueRoom('pill');
+  for (let i = 0; i < 25; i += 1) await postMessage(server, { room, author: 'f', text: `filler ${i}\nmore` });
+  const page = await h.open(server, leptos, { query: `?room=${room}` });
+  await waitForStatus(page, 'live');
+  await listScroll(page, 'top');
+  const pill = page.getByRole('button', { name: /new messages/i });
+  assert.equal(await pill.count(), 0);
+  await postMessage(server, { room, author: 'f', text: 'arrived while scrolled up' });
+  await waitForMessage(page, { text: 'arrived while scrolled up' });
+  await pill.waitFor();
+  assert.equal((await listScroll(page)).top, 0);
+  await pill.click();
+  await pill.waitFor({ state: 'hidden' });
+  const { top, max } = await listScroll(page);
+  assert.ok(max - top <= 4, `not at the bottom: ${top}/${max}`);
+  assert.equal(await page.evaluate(() => document.activeElement?.dataset.testid), 'message-input');
 });

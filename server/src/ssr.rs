@@ -159,3 +159,58 @@ fn csp(nonce: &str) -> String {
          frame-ancestors 'none'"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::{app, AppState};
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use clap::Parser;
+    use http_body_util::BodyExt;
+    use tokio_util::sync::CancellationToken;
+    use tower::ServiceExt;
+
+    async fn get(router: &axum::Router, path: &str) -> (StatusCode, String, String, String) {
+        let resp = router.clone().oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+        let status = resp.status();
+        let header = |name: &str| {
+            resp.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+        };
+        let (ctype, csp) = (header("content-type"), header("content-security-policy"));
+        let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        (status, ctype, csp, body)
+    }
+
+    #[tokio::test]
+    async fn the_page_carries_the_room_and_its_history_as_text_and_unknown_paths_are_404() {
+        let config = Config::parse_from(["kinesis-chat"]);
+        let state = AppState::build(&config, CancellationToken::new()).await.unwrap();
+        let router = app(state);
+        let post = Request::post("/api/messages")
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"room":"ssr-test","author":"<i>ana</i>","text":"<script>x()</script>\nline two"}"#))
+            .unwrap();
+        assert_eq!(router.clone().oneshot(post).await.unwrap().status(), StatusCode::CREATED);
+
+        let (status, ctype, csp, html) = get(&router, "/?room=ssr-test").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(ctype.starts_with("text/html"), "{ctype}");
+        assert!(csp.contains("'nonce-") && csp.contains("'wasm-unsafe-eval'"), "{csp}");
+        assert!(html.contains(r#"data-testid="room">ssr-test<"#), "{html}");
+        assert!(html.contains("&lt;script&gt;x()&lt;/script&gt;\nline two"), "{html}");
+        assert!(html.contains("&lt;i&gt;ana&lt;/i&gt;"), "{html}");
+        assert!(!html.contains("<script>x()") && !html.contains("<i>ana"), "message data became markup");
+        assert!(html.contains(r#"data-state="connecting""#));
+
+        let (status, ctype, _, html) = get(&router, "/no/such/page").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(ctype.starts_with("text/html"));
+        assert!(html.contains("Page not found"));
+
+        let (status, ctype, _, body) = get(&router, "/api/no-such-thing").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(ctype.starts_with("application/json"), "{ctype}");
+        assert!(body.contains("\"error\""));
+    }
+}
