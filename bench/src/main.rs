@@ -239,8 +239,9 @@ async fn run(args: &RunArgs) -> anyhow::Result<RunResult> {
         read_buffer: args.read_buffer,
     });
     let shared = Arc::new(Shared::new());
-    // Subscribers are ended by aborting their tasks (see subscriber::End).
-    let tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+    // Each subscriber's stop signal and task, to end them at the end.
+    type Stops = Vec<(tokio::sync::oneshot::Sender<()>, tokio::task::AbortHandle)>;
+    let tasks: Arc<std::sync::Mutex<Stops>> = Arc::default();
 
     // Connect phase: at most `connect_concurrency` handshakes in flight.
     let connect_started = Instant::now();
@@ -258,9 +259,10 @@ async fn run(args: &RunArgs) -> anyhow::Result<RunResult> {
                 let Ok(permit) = gate.clone().acquire_owned().await else { break };
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let source = sources[(i as usize) % sources.len()];
-                let task = tokio::spawn(subscriber::run(target.clone(), source, shared.clone(), tx));
+                let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+                let task = tokio::spawn(subscriber::run(target.clone(), source, shared.clone(), tx, stop_rx));
                 if let Ok(mut t) = tasks.lock() {
-                    t.push(task.abort_handle());
+                    t.push((stop_tx, task.abort_handle()));
                 }
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
@@ -325,11 +327,21 @@ async fn run(args: &RunArgs) -> anyhow::Result<RunResult> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    shared.recording.store(false, Ordering::Relaxed);
     let end = sample();
-    if let Ok(t) = tasks.lock() {
-        t.iter().for_each(|t| t.abort());
+    // Stop the subscribers (each merges its last samples), then abort
+    // whatever has not ended.
+    let stops = tasks.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+    let mut aborts = Vec::with_capacity(stops.len());
+    for (stop, task) in stops {
+        let _ = stop.send(()); // an ended subscriber has dropped its receiver
+        aborts.push(task);
     }
+    let wind_down = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < wind_down && aborts.iter().any(|t| !t.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    aborts.iter().for_each(|t| t.abort());
+    shared.recording.store(false, Ordering::Relaxed);
 
     let posts_ok = stats.ok.load(Ordering::Relaxed);
     let deliveries_total = shared.deliveries.load(Ordering::Relaxed);

@@ -152,7 +152,14 @@ impl Poster {
             }
             Err(e) => {
                 if self.stats.failed.fetch_add(1, Ordering::Relaxed) < 3 {
-                    eprintln!("loadgen: POST failed: {e}");
+                    // reqwest's message names only the URL; the cause is below.
+                    let mut why = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        why.push_str(&format!(": {s}"));
+                        source = s.source();
+                    }
+                    eprintln!("loadgen: POST failed: {why}");
                 }
             }
         }

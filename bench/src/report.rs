@@ -192,6 +192,7 @@ const METRICS: &[(&str, &str, usize)] = &[
     ("server_rss_start_kib", "server RSS before (KiB)", 0),
     ("server_rss_connected_kib", "server RSS connected (KiB)", 0),
     ("rss_per_socket_kib", "server RSS per socket (KiB)", 2),
+    ("rss_per_socket_kib_each", "… per process (KiB)", 2),
     ("processes", "server processes", 0),
     ("connect_s", "connect time (s)", 1),
     ("loadgen_cpu_s", "load generator CPU (s)", 1),
@@ -199,6 +200,14 @@ const METRICS: &[(&str, &str, usize)] = &[
 
 fn value(r: &RunResult, field: &str) -> Option<f64> {
     serde_json::to_value(r).ok()?.get(field)?.as_f64()
+}
+
+/// A list-valued field (one value per process), as `a / b / c`.
+fn list(r: &RunResult, field: &str) -> Option<String> {
+    let v = serde_json::to_value(r).ok()?;
+    let items = v.get(field)?.as_array()?;
+    let shown: Vec<String> = items.iter().filter_map(|x| x.as_f64()).map(|x| format!("{x:.2}")).collect();
+    Some(shown.join(" / "))
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -256,6 +265,12 @@ pub fn table(title: &str, metrics: &[String], systems: &[(String, Vec<RunResult>
         out.push_str(&format!("| {label} |"));
         let mut medians = Vec::new();
         for (_, rounds) in systems {
+            if let Some(list) = rounds.first().and_then(|r| list(r, field)) {
+                // A per-process list (one round): shown as is.
+                medians.push(None);
+                out.push_str(&format!(" {list} |"));
+                continue;
+            }
             let values: Vec<f64> = rounds.iter().filter_map(|r| value(r, field)).collect();
             let m = median(values.clone());
             medians.push(m);

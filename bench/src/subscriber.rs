@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use futures_util::{SinkExt, StreamExt};
@@ -24,6 +24,8 @@ pub const MARKER: &[u8] = b"kcb1:";
 /// histogram: few enough to keep 100,000 sockets small, many enough that
 /// the lock is taken rarely.
 const LOCAL_SAMPLES: usize = 32;
+/// ... and at least this often, so a slow trickle of samples is not lost.
+const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 /// Which server protocol to speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -142,9 +144,10 @@ pub async fn run(
     source: IpAddr,
     shared: Arc<Shared>,
     ready: tokio::sync::oneshot::Sender<bool>,
+    stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut ready = Some(ready);
-    let result = session(&target, source, &shared, &mut ready).await;
+    let result = session(&target, source, &shared, &mut ready, stop).await;
     let was_live = ready.is_none();
     if let Some(tx) = ready.take() {
         shared.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -154,6 +157,7 @@ pub async fn run(
         shared.live.fetch_sub(1, Ordering::Relaxed);
     }
     match result {
+        Ok(End::Stopped) => {}
         Ok(End::Closed(Some(4008))) => {
             shared.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
         }
@@ -169,11 +173,11 @@ pub async fn run(
     }
 }
 
-/// How the server ended a session (the load generator ends its own by
-/// aborting the task: dropping the socket resets it, thanks to SO_LINGER 0,
-/// and a close handshake with 10,000 sockets would only measure the close
-/// path).
+/// How a session ended. The load generator ends its own by dropping the
+/// socket, which resets it (SO_LINGER 0): a close handshake with 10,000
+/// sockets would only measure the close path.
 enum End {
+    Stopped,
     Closed(Option<u16>),
 }
 
@@ -182,6 +186,7 @@ async fn session(
     source: IpAddr,
     shared: &Shared,
     ready: &mut Option<tokio::sync::oneshot::Sender<bool>>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<End> {
     let tcp = connect_tcp(source, target.server).await?;
     let config = WebSocketConfig::default()
@@ -197,9 +202,16 @@ async fn session(
     // A few samples kept per socket and merged in bulk: a histogram per
     // socket would be ~250 KiB each, and the shared one's lock would be hot.
     let mut local: Vec<u64> = Vec::new();
+    let mut last_flush = Instant::now();
     let mut live = false;
     let end = loop {
-        let msg = match ws.next().await {
+        // A oneshot per socket: polling it costs no shared lock.
+        let msg = tokio::select! {
+            biased;
+            _ = &mut stop => break End::Stopped,
+            msg = ws.next() => msg,
+        };
+        let msg = match msg {
             None => break End::Closed(None),
             Some(Err(e)) => {
                 flush_latency(shared, &mut local);
@@ -257,8 +269,10 @@ async fn session(
                     local.push(now_us().saturating_sub(sent).max(1));
                 }
             }
-            // Merge now and then so the shared lock stays cold.
-            if local.len() >= LOCAL_SAMPLES {
+            // Merge now and then so the shared lock stays cold, and at
+            // least every second: tasks are aborted at the end, not joined.
+            if local.len() >= LOCAL_SAMPLES || last_flush.elapsed() >= FLUSH_EVERY {
+                last_flush = Instant::now();
                 flush_latency(shared, &mut local);
             }
         }
