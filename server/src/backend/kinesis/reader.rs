@@ -541,7 +541,7 @@ async fn read_shard(ctx: Arc<Ctx>, shard: String, start: Start, events: mpsc::Se
 fn note_failure(ctx: &Ctx, shard: &str, e: &CallError, failures: u32, op: &str) {
     ctx.state.read_failed(shard, &e.message);
     // One line when trouble starts, then one every 20 failures.
-    if failures == 1 || failures % 20 == 0 {
+    if failures == 1 || failures.is_multiple_of(20) {
         tracing::warn!(%shard, error = %e, failures, "{op} failed; retrying with backoff");
     }
 }
