@@ -66,7 +66,7 @@ impl KinesisBackend {
         tracing::info!(stream = %clients.stream, place = %clients.place, "Kinesis stream ready");
 
         let producer = Producer::start(
-            clients.clone(),
+            Arc::new(producer::KinesisSink(clients.clone())),
             metrics.clone(),
             ProducerSettings {
                 budget: config.kinesis_put_budget,

@@ -74,6 +74,40 @@ pub struct ProducerSettings {
     pub queue: usize,
 }
 
+/// Where batches go: Kinesis `PutRecords`, or a scripted fake in tests.
+pub trait Sink: Send + Sync + 'static {
+    /// The time limit of one call. An entry is only sent when a call
+    /// started now would end before the entry's deadline.
+    fn call_timeout(&self) -> Duration;
+    /// One call with `(partition key, data)` records; one result per
+    /// record, in order, or the whole call's failure.
+    fn put(&self, records: Vec<(String, Vec<u8>)>) -> BoxFuture<Result<Vec<EntryResult>, CallError>>;
+}
+
+/// A boxed future, as [`Sink::put`] returns it.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// The real sink: `PutRecords` on the data client.
+pub struct KinesisSink(pub Arc<Clients>);
+
+impl Sink for KinesisSink {
+    fn call_timeout(&self) -> Duration {
+        self.0.call_timeout
+    }
+
+    fn put(&self, records: Vec<(String, Vec<u8>)>) -> BoxFuture<Result<Vec<EntryResult>, CallError>> {
+        let clients = self.0.clone();
+        Box::pin(async move {
+            let result = put_records(&clients, records).await;
+            match &result {
+                Ok(_) => clients.reach.answered(),
+                Err(e) => clients.reach.failed(e),
+            }
+            result
+        })
+    }
+}
+
 /// The POST side's handle.
 pub struct Producer {
     tx: mpsc::Sender<Pending>,
@@ -115,7 +149,7 @@ fn unavailable(reason: &str) -> AppendError {
 impl Producer {
     /// Starts the producer task; it stops on `shutdown`.
     pub fn start(
-        clients: Arc<Clients>,
+        sink: Arc<dyn Sink>,
         metrics: Arc<Metrics>,
         settings: ProducerSettings,
         shutdown: CancellationToken,
@@ -123,7 +157,7 @@ impl Producer {
         // The channel and the task's own queues each hold at most `queue`.
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let task = Task {
-            clients,
+            sink,
             metrics,
             settings: settings.clone(),
             rx,
@@ -175,7 +209,8 @@ struct Sent {
 }
 
 /// The answer for one entry of a call.
-enum EntryResult {
+#[derive(Debug)]
+pub enum EntryResult {
     Ok { shard: String, seq: String },
     Failed {
         /// Trying again may work (throttling, internal failure, no answer).
@@ -186,7 +221,7 @@ enum EntryResult {
 }
 
 struct Task {
-    clients: Arc<Clients>,
+    sink: Arc<dyn Sink>,
     metrics: Arc<Metrics>,
     settings: ProducerSettings,
     rx: mpsc::Receiver<Pending>,
@@ -271,7 +306,7 @@ impl Task {
     /// those whose POST went away (never sent, so never shown: the client
     /// saw no 201).
     fn sweep(&mut self, now: Instant) {
-        let call = self.clients.call_timeout;
+        let call = self.sink.call_timeout();
         let mut dropped = 0;
         for room in self.rooms.values_mut() {
             if room.entries.iter().all(|p| !p.waiter.is_closed() && now + call <= p.deadline) {
@@ -327,7 +362,7 @@ impl Task {
             return Batch::WaitUntil(next_retry.map_or(linger_until, |t| t.min(linger_until)));
         }
 
-        let call = self.clients.call_timeout;
+        let call = self.sink.call_timeout();
         let mut batch = Vec::new();
         let mut bytes = 0;
         for _ in 0..self.order.len() {
@@ -370,9 +405,10 @@ impl Task {
     }
 
     fn launch(&mut self, batch: Vec<Pending>) {
-        let clients = self.clients.clone();
+        let records = batch.iter().map(|p| (p.room.clone(), p.data.clone())).collect();
+        let call = self.sink.put(records);
         self.in_flight.spawn(async move {
-            let result = put_records(&clients, &batch).await;
+            let result = call.await;
             Sent { batch, result }
         });
     }
@@ -383,12 +419,17 @@ impl Task {
         let Sent { batch, result } = sent;
         let now = Instant::now();
         let results: Vec<EntryResult> = match result {
+            Ok(results) if results.len() == batch.len() => results,
             Ok(results) => {
-                self.clients.reach.answered();
-                results
+                let e = CallError {
+                    kind: Failure::Server,
+                    code: None,
+                    message: format!("PutRecords answered {} entries for {}", results.len(), batch.len()),
+                };
+                tracing::error!(error = %e, "PutRecords answer does not match the call; refusing its messages");
+                batch.iter().map(|_| EntryResult::Failed { retryable: false, throttled: false, message: e.message.clone() }).collect()
             }
             Err(e) => {
-                self.clients.reach.failed(&e);
                 let retryable = e.kind.is_transient();
                 if retryable {
                     tracing::warn!(error = %e, entries = batch.len(), "PutRecords failed; retrying within the budget");
@@ -433,7 +474,7 @@ impl Task {
                             p.refuse(&format!("The stream did not accept the message ({message}); try again."));
                         } else if p.waiter.is_closed() {
                             // The POST went away: it saw no 201, so drop it.
-                        } else if now + self.clients.call_timeout > p.deadline {
+                        } else if now + self.sink.call_timeout() > p.deadline {
                             p.refuse("The stream did not accept the message in time; try again.");
                         } else {
                             let mut p = p;
@@ -487,12 +528,13 @@ fn backoff(attempts: u32) -> Duration {
 }
 
 /// One `PutRecords` call; one result per entry, in order.
-async fn put_records(clients: &Clients, batch: &[Pending]) -> Result<Vec<EntryResult>, CallError> {
-    let mut entries = Vec::with_capacity(batch.len());
-    for p in batch {
+async fn put_records(clients: &Clients, records: Vec<(String, Vec<u8>)>) -> Result<Vec<EntryResult>, CallError> {
+    let count = records.len();
+    let mut entries = Vec::with_capacity(count);
+    for (key, data) in records {
         let entry = PutRecordsRequestEntry::builder()
-            .data(Blob::new(p.data.clone()))
-            .partition_key(&p.room)
+            .data(Blob::new(data))
+            .partition_key(key)
             .build()
             .map_err(|e| CallError { kind: Failure::Other, code: None, message: e.to_string() })?;
         entries.push(entry);
@@ -506,11 +548,11 @@ async fn put_records(clients: &Clients, batch: &[Pending]) -> Result<Vec<EntryRe
         Err(_) => return Err(CallError::timed_out()),
     };
     let records = out.records();
-    if records.len() != batch.len() {
+    if records.len() != count {
         return Err(CallError {
             kind: Failure::Server,
             code: None,
-            message: format!("PutRecords answered {} entries for {}", records.len(), batch.len()),
+            message: format!("PutRecords answered {} entries for {count}", records.len()),
         });
     }
     Ok(records
@@ -533,6 +575,236 @@ async fn put_records(clients: &Clients, batch: &[Pending]) -> Result<Vec<EntryRe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use parking_lot::Mutex;
+    use std::collections::HashSet;
+
+    /// What the fake stream does with one call.
+    type Script = Box<dyn FnOnce(&[(String, Vec<u8>)]) -> Result<Vec<EntryResult>, CallError> + Send>;
+
+    /// A scripted stream: each call takes the next script (or accepts all
+    /// when none is left), after `delay`; accepted records are "written".
+    #[derive(Default)]
+    struct Fake {
+        scripts: Mutex<VecDeque<Script>>,
+        written: Mutex<Vec<(String, String)>>,
+        calls: Mutex<Vec<usize>>,
+        delay: Duration,
+    }
+
+    impl Fake {
+        fn new(delay: Duration) -> Arc<Fake> {
+            Arc::new(Fake { delay, ..Fake::default() })
+        }
+        fn script(&self, f: impl FnOnce(&[(String, Vec<u8>)]) -> Result<Vec<EntryResult>, CallError> + Send + 'static) {
+            self.scripts.lock().push_back(Box::new(f));
+        }
+        fn written(&self) -> Vec<String> {
+            self.written.lock().iter().map(|(_, text)| text.clone()).collect()
+        }
+    }
+
+    fn ok(i: usize) -> EntryResult {
+        EntryResult::Ok { shard: "shardId-0".into(), seq: format!("{}", 1000 + i) }
+    }
+
+    fn throttled() -> EntryResult {
+        EntryResult::Failed { retryable: true, throttled: true, message: "ProvisionedThroughputExceededException".into() }
+    }
+
+    struct Shared(Arc<Fake>);
+
+    impl Sink for Shared {
+        fn call_timeout(&self) -> Duration {
+            Duration::from_millis(100)
+        }
+        fn put(&self, records: Vec<(String, Vec<u8>)>) -> BoxFuture<Result<Vec<EntryResult>, CallError>> {
+            let fake = self.0.clone();
+            Box::pin(async move {
+                tokio::time::sleep(fake.delay).await;
+                fake.calls.lock().push(records.len());
+                let script = fake.scripts.lock().pop_front();
+                let results = match script {
+                    Some(f) => f(&records)?,
+                    None => (0..records.len()).map(ok).collect(),
+                };
+                let mut written = fake.written.lock();
+                for ((room, data), r) in records.iter().zip(&results) {
+                    if matches!(r, EntryResult::Ok { .. }) {
+                        written.push((room.clone(), String::from_utf8(data.clone()).unwrap()));
+                    }
+                }
+                Ok(results)
+            })
+        }
+    }
+
+    fn producer(fake: &Arc<Fake>, budget_ms: u64, queue: usize) -> (Producer, Arc<Metrics>, CancellationToken) {
+        let metrics = Arc::new(Metrics::new());
+        let stop = CancellationToken::new();
+        let settings =
+            ProducerSettings { budget: Duration::from_millis(budget_ms), linger: Duration::from_millis(5), queue };
+        let p = Producer::start(Arc::new(Shared(fake.clone())), metrics.clone(), settings, stop.clone());
+        (p, metrics, stop)
+    }
+
+    async fn send_all(p: &Producer, msgs: &[(&str, &str)]) -> Vec<Verdict> {
+        futures_util::future::join_all(msgs.iter().map(|(room, text)| p.send(room, text.as_bytes().to_vec()))).await
+    }
+
+    #[tokio::test]
+    async fn a_lone_message_goes_out_at_once_with_its_position() {
+        let fake = Fake::new(Duration::ZERO);
+        let (p, _, _stop) = producer(&fake, 1000, 100);
+        let started = Instant::now();
+        let pos = p.send("lobby", b"hello".to_vec()).await.unwrap();
+        assert!(started.elapsed() < Duration::from_millis(50), "no linger when idle");
+        assert_eq!(pos, Position::Kinesis { shard: "shardId-0".into(), seq: "1000".into(), sub: 0 });
+        assert_eq!(fake.written(), ["hello"]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_messages_share_calls() {
+        let fake = Fake::new(Duration::from_millis(30));
+        let (p, _, _stop) = producer(&fake, 2000, 1000);
+        let msgs: Vec<(String, String)> = (0..40).map(|i| (format!("r{}", i % 4), format!("m{i}"))).collect();
+        let refs: Vec<(&str, &str)> = msgs.iter().map(|(r, t)| (r.as_str(), t.as_str())).collect();
+        let verdicts = send_all(&p, &refs).await;
+        assert!(verdicts.iter().all(Result::is_ok));
+        let calls = fake.calls.lock().clone();
+        assert!(calls.len() < 10, "40 messages in {} calls: {calls:?}", calls.len());
+        // Each room's messages were written in the order they were sent.
+        let written = fake.written.lock().clone();
+        for room in ["r0", "r1", "r2", "r3"] {
+            let texts: Vec<usize> =
+                written.iter().filter(|(r, _)| r == room).map(|(_, t)| t[1..].parse().unwrap()).collect();
+            assert!(texts.windows(2).all(|w| w[0] < w[1]), "{room}: {texts:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_entries_are_retried_ahead_of_their_room() {
+        let fake = Fake::new(Duration::from_millis(10));
+        let (p, metrics, _stop) = producer(&fake, 2000, 100);
+        // a0 holds room a in flight, so a1 and a2 queue up into one call,
+        // where both fail once; b1 is not held up by a's trouble.
+        fake.script(|r| Ok((0..r.len()).map(ok).collect()));
+        let fail_once: Arc<Mutex<HashSet<&'static str>>> = Arc::new(Mutex::new(["a1", "a2"].into()));
+        for _ in 0..5 {
+            let fail_once = fail_once.clone();
+            fake.script(move |r| {
+                Ok(r.iter()
+                    .enumerate()
+                    .map(|(i, (_, d))| {
+                        let text = std::str::from_utf8(d).unwrap();
+                        if fail_once.lock().remove(text) {
+                            throttled()
+                        } else {
+                            ok(i)
+                        }
+                    })
+                    .collect())
+            });
+        }
+        let first = p.send("a", b"a0".to_vec());
+        let rest = async {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            send_all(&p, &[("a", "a1"), ("a", "a2"), ("b", "b1")]).await
+        };
+        let (first, rest) = tokio::join!(first, rest);
+        assert!(first.is_ok());
+        assert!(rest.iter().all(Result::is_ok), "{rest:?}");
+        let written = fake.written.lock().clone();
+        let room_a: Vec<&str> = written.iter().filter(|(r, _)| r == "a").map(|(_, t)| t.as_str()).collect();
+        assert_eq!(room_a, ["a0", "a1", "a2"]);
+        assert!(written.iter().any(|(_, t)| t == "b1"));
+        assert_eq!(metrics.producer_retries.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_entry_overtaken_by_its_successor_is_refused_not_retried() {
+        let fake = Fake::new(Duration::from_millis(10));
+        let (p, _, _stop) = producer(&fake, 2000, 100);
+        fake.script(|r| Ok((0..r.len()).map(ok).collect()));
+        // [a1, a2]: a1 fails but a2 is written: a1 can no longer come first.
+        fake.script(|_| Ok(vec![throttled(), ok(1)]));
+        let first = p.send("a", b"a0".to_vec());
+        let rest = async {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            send_all(&p, &[("a", "a1"), ("a", "a2")]).await
+        };
+        let (_, rest) = tokio::join!(first, rest);
+        assert!(matches!(rest[0], Err(AppendError::Unavailable { .. })), "{:?}", rest[0]);
+        assert!(rest[1].is_ok());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(fake.written(), ["a0", "a2"], "a1 is never written behind the sender's back");
+    }
+
+    #[tokio::test]
+    async fn a_spent_budget_is_a_503_and_the_message_never_appears() {
+        let fake = Fake::new(Duration::from_millis(5));
+        for _ in 0..100 {
+            fake.script(|_| {
+                Err(CallError { kind: Failure::Throttled, code: None, message: "Rate exceeded".into() })
+            });
+        }
+        let (p, metrics, _stop) = producer(&fake, 400, 100);
+        let started = Instant::now();
+        let verdict = p.send("lobby", b"doomed".to_vec()).await;
+        let took = started.elapsed();
+        assert!(matches!(verdict, Err(AppendError::Unavailable { .. })));
+        assert!(took <= Duration::from_millis(400), "answered within the budget: {took:?}");
+        let calls = fake.calls.lock().len();
+        assert!(calls >= 2, "retried: {calls} calls");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(fake.calls.lock().len(), calls, "no call after the 503");
+        assert!(fake.written().is_empty());
+        assert!(metrics.producer_retries.get() >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once() {
+        let fake = Fake::new(Duration::from_secs(3600));
+        let (p, _, _stop) = producer(&fake, 60_000, 1);
+        let p = Arc::new(p);
+        // One in flight (hangs), one held behind it, one in the channel.
+        let mut waiting = Vec::new();
+        for i in 0..3 {
+            let p = p.clone();
+            waiting.push(tokio::spawn(async move { p.send("a", format!("m{i}").into_bytes()).await }));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let started = Instant::now();
+        let verdict = p.send("a", b"one too many".to_vec()).await;
+        assert!(started.elapsed() < Duration::from_millis(50));
+        match verdict {
+            Err(AppendError::Unavailable { reason, .. }) => assert!(reason.contains("too many"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        for w in waiting {
+            w.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_refuses_what_was_not_sent() {
+        let fake = Fake::new(Duration::from_millis(200));
+        let (p, _, stop) = producer(&fake, 5000, 100);
+        let p = Arc::new(p);
+        let first = {
+            let p = p.clone();
+            tokio::spawn(async move { p.send("a", b"in flight".to_vec()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = {
+            let p = p.clone();
+            tokio::spawn(async move { p.send("a", b"queued".to_vec()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stop.cancel();
+        assert!(first.await.unwrap().is_ok(), "the call in flight completes");
+        assert!(second.await.unwrap().is_err(), "the queued one is refused");
+        assert_eq!(fake.written(), ["in flight"]);
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
