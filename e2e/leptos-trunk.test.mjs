@@ -56,7 +56,7 @@ chatTest('[trunk] trunk serve builds the CSR client and proxies /api/ and /ws to
   let log = '';
   const trunk = spawn(TRUNK, ['serve', '--config', path.join(dir, 'Trunk.toml'), '--no-autoreload'], {
     cwd: REPO,
-    env: { ...process.env, NO_COLOR: '1' },
+    env: { ...process.env, NO_COLOR: 'true' },
     stdio: ['ignore', 'pipe', 'pipe'],
     detached: true, // its own process group: cargo and rustc stop with it
   });
