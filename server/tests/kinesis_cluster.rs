@@ -10,7 +10,8 @@ use server::backend::kinesis::kpl;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use support::emulator::{
-    kinesis_config, metric, put_raw, rooms_on_two_shards, start_ready, update_shard_count, wait_active, Emulator,
+    kinesis_config, metric, put_raw, rooms_on_two_shards, send_retrying, start_ready, update_shard_count, wait_active,
+    Emulator,
 };
 use support::{TestServer, WsClient};
 
@@ -50,7 +51,7 @@ async fn one_instance_post_socket_history_since() {
     assert!(b.messages.is_empty());
     let mut sent = Vec::new();
     for i in 0..4 {
-        sent.push(s.send("lobby", "ana", &format!("hello {i}")).await);
+        sent.push(send_retrying(&s, "lobby", "ana", &format!("hello {i}")).await);
     }
     let got = exactly(&mut w, 4).await;
     for ((cursor, m), (sent_m, sent_cursor)) in got.iter().zip(&sent) {
@@ -91,7 +92,7 @@ async fn three_instances_exactly_once_same_order() {
         [&room_a, &room_b].into_iter().map(move |room| async move {
             let mut ids = Vec::new();
             for k in 0..per_poster {
-                ids.push(s.send(room, &format!("i{i}"), &format!("i{i}-{room}:{k}")).await.0.id);
+                ids.push(send_retrying(s, room, &format!("i{i}"), &format!("i{i}-{room}:{k}")).await.0.id);
             }
             (room.clone(), ids)
         })
@@ -140,7 +141,7 @@ async fn reshard_during_steady_flow() {
             let mut sent = Vec::new();
             let mut k = 0;
             while !stop.is_cancelled() {
-                let (m, cursor) = s.send(room, "poster", &format!("p{p}:{k}")).await;
+                let (m, cursor) = send_retrying(s, room, "poster", &format!("p{p}:{k}")).await;
                 sent.push((m, cursor));
                 k += 1;
                 tokio::time::sleep(Duration::from_millis(60)).await;
@@ -224,14 +225,14 @@ async fn cursor_moves_between_instances_and_late_instance_has_history() {
     let (mut wa, _) = a.ws_ready("resume").await;
     let (mut wb, _) = b.ws_ready("resume").await;
     for i in 0..6 {
-        a.send("resume", "ana", &format!("m{i}")).await;
+        send_retrying(&a, "resume", "ana", &format!("m{i}")).await;
     }
     let on_a = exactly(&mut wa, 6).await;
     exactly(&mut wb, 6).await;
     // The client saw m0..m1 on A, then lost its connection.
     let cursor = on_a[1].0.clone();
     for i in 6..8 {
-        b.send("resume", "bo", &format!("m{i}")).await;
+        send_retrying(&b, "resume", "bo", &format!("m{i}")).await;
     }
     exactly(&mut wa, 2).await;
     exactly(&mut wb, 2).await;
@@ -254,7 +255,7 @@ async fn cursor_moves_between_instances_and_late_instance_has_history() {
         page["messages"].as_array().unwrap().iter().map(|e| e["message"]["text"].as_str().unwrap()).collect();
     assert_eq!(texts, ["m5", "m6", "m7"]);
     // Live after resuming.
-    let (m, _) = a.send("resume", "ana", "live").await;
+    let (m, _) = send_retrying(&a, "resume", "ana", "live").await;
     assert_eq!(r.messages(1).await[0].1, m);
 }
 
@@ -303,7 +304,7 @@ async fn foreign_records_garbage_and_kpl_aggregates() {
     let n = broken.len();
     broken[n - 1] ^= 0x55;
     put_raw(&c, &stream, "lobby", broken).await;
-    let (own, _) = s.send("lobby", "ana", "after the garbage").await;
+    let (own, _) = send_retrying(&s, "lobby", "ana", "after the garbage").await;
 
     let got = exactly(&mut w, 5).await;
     let texts: Vec<&str> = got.iter().map(|(_, m)| m.text.as_str()).collect();

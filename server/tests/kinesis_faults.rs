@@ -9,7 +9,9 @@ use futures_util::future::join_all;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-use support::emulator::{kinesis_config, metric, rooms_on_two_shards, start_ready, wait_readyz, Emulator};
+use support::emulator::{
+    kinesis_config, metric, rooms_on_two_shards, send_retrying, start_ready, wait_readyz, Emulator,
+};
 use support::fault_proxy::{FaultPlan, FaultProxy};
 use support::{TestServer, WsClient};
 
@@ -254,7 +256,7 @@ async fn emulator_killed_and_restarted_recovers_without_loss() {
     }
     let mut accepted = Vec::new();
     for k in 0..5 {
-        accepted.push(servers[k % 2].send("lobby", "t", &format!("before:{k}")).await.0);
+        accepted.push(send_retrying(&servers[k % 2], "lobby", "t", &format!("before:{k}")).await.0);
     }
     for ws in &mut sockets {
         assert_eq!(ws.messages(5).await.into_iter().map(|(_, m)| m).collect::<Vec<_>>(), accepted);
@@ -279,7 +281,7 @@ async fn emulator_killed_and_restarted_recovers_without_loss() {
         wait_readyz(s, 200).await;
     }
     for k in 0..4 {
-        accepted.push(servers[k % 2].send("lobby", "t", &format!("after:{k}")).await.0);
+        accepted.push(send_retrying(&servers[k % 2], "lobby", "t", &format!("after:{k}")).await.0);
     }
     for ws in &mut sockets {
         let got = exactly(ws, 4, Duration::from_secs(1)).await;

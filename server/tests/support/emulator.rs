@@ -320,3 +320,22 @@ pub async fn metric(s: &TestServer, name: &str, label_filter: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
 }
+
+/// POSTs like the clients do: with a `client_id`, retried after a 503
+/// (the emulator stalls for seconds on a busy machine) until accepted.
+pub async fn send_retrying(s: &TestServer, room: &str, author: &str, text: &str) -> (app::ChatMessage, String) {
+    let body = serde_json::json!({"room": room, "author": author, "text": text,
+                                  "client_id": uuid::Uuid::new_v4().to_string()});
+    let started = std::time::Instant::now();
+    loop {
+        let (status, answer) = s.post(&body).await;
+        match status {
+            200 | 201 => {
+                let message: app::ChatMessage = serde_json::from_value(answer["message"].clone()).expect("message");
+                return (message, answer["cursor"].as_str().expect("cursor").to_owned());
+            }
+            503 if started.elapsed() < Duration::from_secs(60) => tokio::time::sleep(Duration::from_millis(300)).await,
+            _ => panic!("POST answered {status}: {answer}"),
+        }
+    }
+}
