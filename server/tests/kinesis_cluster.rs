@@ -254,6 +254,17 @@ async fn cursor_moves_between_instances_and_late_instance_has_history() {
     let texts: Vec<&str> =
         page["messages"].as_array().unwrap().iter().map(|e| e["message"]["text"].as_str().unwrap()).collect();
     assert_eq!(texts, ["m5", "m6", "m7"]);
+    // Cursors of positions the stream does not hold: reset, then history.
+    let bogus = [
+        server::cursor::Position::Kinesis { shard: "shardId-000000000009".into(), seq: "123".into(), sub: 0 },
+        server::cursor::Position::Kinesis { shard: "shardId-000000000000".into(), seq: "100".into(), sub: 0 },
+    ];
+    for pos in bogus {
+        let mut g = b.ws(&format!("room=resume&since={}", pos.encode())).await;
+        let got = g.until_ready().await;
+        assert!(got.reset, "{pos:?} resets");
+        assert_eq!(got.texts(), ["m6", "m7"], "then B's history");
+    }
     // Live after resuming.
     let (m, _) = send_retrying(&a, "resume", "ana", "live").await;
     assert_eq!(r.messages(1).await[0].1, m);
