@@ -177,6 +177,34 @@ async fn get_records_throttling_slows_readers_without_loss() {
     assert!(started.elapsed() < Duration::from_secs(10), "recovered: {:?}", started.elapsed());
 }
 
+/// One shard's trouble never stops the others: its room waits (and
+/// /readyz says which shard is stuck) while the other room flows; then it
+/// catches up without loss.
+#[tokio::test]
+async fn a_broken_shard_does_not_stop_the_others() {
+    let emu = Emulator::start().await;
+    let stream = emu.create_stream("oneshard", 2).await;
+    let proxy = FaultProxy::start(&emu.endpoint()).await;
+    let s = start_ready(fault_config(&proxy.endpoint(), &stream)).await;
+    let (low, high) = rooms_on_two_shards();
+    let (mut wl, _) = s.ws_ready(&low).await;
+    let (mut wh, _) = s.ws_ready(&high).await;
+
+    proxy.update(|p| p.broken_shard = Some("shardId-000000000000".into()));
+    let (stuck, _) = send_retrying(&s, &low, "t", "on the broken shard").await;
+    let (flowing, _) = send_retrying(&s, &high, "t", "on the healthy shard").await;
+    assert_eq!(wh.messages(1).await[0].1, flowing, "the healthy shard keeps flowing");
+    let why = wait_readyz(&s, 503).await;
+    assert!(why["error"].as_str().unwrap_or("").contains("shardId-000000000000"), "{why}");
+    wl.expect_silence(Duration::from_millis(300)).await;
+
+    proxy.clear();
+    assert_eq!(wl.messages(1).await[0].1, stuck, "the broken shard catches up");
+    wait_readyz(&s, 200).await;
+    wl.expect_silence(Duration::from_millis(500)).await;
+    wh.expect_silence(Duration::from_millis(100)).await;
+}
+
 /// 6c. ExpiredIteratorException: the reader resumes after the last record
 /// it read, without a gap or a duplicate.
 #[tokio::test]

@@ -12,6 +12,7 @@
 //!   `__type: ProvisionedThroughputExceededException`);
 //! - answers `GetRecords` with `ExpiredIteratorException`;
 //! - hangs: accepts requests and never answers;
+//! - breaks one shard: its GetRecords and GetShardIterator answer 500;
 //! - enforces Kinesis's read limit: a shared budget of N `GetRecords` per
 //!   second per shard across every client (the benchmarks use this too).
 //!
@@ -46,6 +47,8 @@ pub struct FaultPlan {
     pub hang: bool,
     /// At most this many GetRecords per second per shard, across clients.
     pub get_records_per_shard_per_sec: Option<u32>,
+    /// GetRecords and GetShardIterator on this shard fail (HTTP 500).
+    pub broken_shard: Option<String>,
 }
 
 /// What the proxy saw and did.
@@ -177,6 +180,9 @@ async fn handle(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes
         "GetRecords" => get_records(&proxy, &plan, &headers, request, body).await,
         "GetShardIterator" => {
             let shard = request["ShardId"].as_str().unwrap_or("").to_owned();
+            if plan.broken_shard.as_deref() == Some(shard.as_str()) {
+                return raw(StatusCode::INTERNAL_SERVER_ERROR, None);
+            }
             let (status, answer) = forward(&proxy, &headers, body).await;
             if let Some(it) = answer.as_ref().and_then(|a| a["ShardIterator"].as_str()) {
                 proxy.inner.lock().iterator_shard.insert(it.to_owned(), shard);
@@ -252,6 +258,9 @@ async fn get_records(proxy: &Proxy, plan: &FaultPlan, headers: &HeaderMap, reque
                 "ExpiredIteratorException",
                 "Iterator expired. The iterator was created at time X while right now it is Y (fault proxy).",
             );
+        }
+        if plan.broken_shard.is_some() && inner.iterator_shard.get(&iterator) == plan.broken_shard.as_ref() {
+            return raw(StatusCode::INTERNAL_SERVER_ERROR, None);
         }
         if plan.get_records_throttle > 0.0 && rand::rng().random_bool(plan.get_records_throttle.min(1.0)) {
             inner.stats.get_records_throttled += 1;
