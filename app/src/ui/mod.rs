@@ -29,7 +29,11 @@ use leptos_router::path;
 /// server provides it as context; the app crate knows nothing of the hub).
 #[cfg(feature = "ssr")]
 #[derive(Clone)]
-pub struct HistorySource(pub std::sync::Arc<dyn Fn(&str) -> Vec<crate::HistoryEntry> + Send + Sync>);
+pub struct HistorySource(pub std::sync::Arc<HistoryFn>);
+
+/// A room's recent history, oldest first.
+#[cfg(feature = "ssr")]
+pub type HistoryFn = dyn Fn(&str) -> Vec<crate::HistoryEntry> + Send + Sync;
 
 /// The document around the app, rendered by the server only. `options`
 /// names the wasm/JS/CSS files under `/pkg`.

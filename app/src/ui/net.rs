@@ -145,7 +145,7 @@ pub fn start(
 
 fn install_page_listeners() {
     let w = window();
-    let on_online = Closure::<dyn FnMut()>::new(|| reconnect_fresh());
+    let on_online = Closure::<dyn FnMut()>::new(reconnect_fresh);
     let on_offline = Closure::<dyn FnMut()>::new(|| {
         let chat = NET.with_borrow(|n| if n.socket.is_none() { n.chat } else { None });
         if let Some(chat) = chat {
@@ -657,7 +657,7 @@ fn parse_date(iso: &str) -> Option<js_sys::Date> {
 pub fn local_time(iso: &str) -> Option<String> {
     let d = parse_date(iso)?;
     let today = js_sys::Date::new_0();
-    if String::from(d.to_date_string()) == String::from(today.to_date_string()) {
+    if d.to_date_string() == today.to_date_string() {
         call_locale(&d, "toLocaleTimeString", &[("hour", "2-digit"), ("minute", "2-digit")])
     } else {
         call_locale(
