@@ -13,10 +13,11 @@
 //
 // The server binary is KINESIS_CHAT_BIN (CI: the cargo-leptos release build).
 import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
 import { chatSuite } from './chat-suite.mjs';
 import { failOnHydrationWarnings, requireSite } from './leptos-support.mjs';
 import {
-  CLIENTS, chatTest, countMessages, hook, listScroll, postMessage, readMessages, send, setName,
+  CLIENTS, chatTest, countMessages, frames, hook, listScroll, postMessage, readMessages, scriptedSocket, send, setName,
   uniqueRoom, useBrowser, waitForMessage, waitForStatus,
 } from './support.mjs';
 
@@ -225,4 +226,41 @@ chatTest('[leptos] a "new messages" pill appears while scrolled up and jumps to 
   const { top, max } = await listScroll(page);
   assert.ok(max - top <= 4, `not at the bottom: ${top}/${max}`);
   assert.equal(await page.evaluate(() => document.activeElement?.dataset.testid), 'message-input');
+});
+
+chatTest('[leptos] a silent socket is replaced: after server heartbeats stop, and when the browser comes back online', browser, async (h) => {
+  const server = await h.server();
+  const room = uniqueRoom('alive');
+  let socket;
+  const page = await h.open(server, leptos, {
+    query: `?room=${room}`,
+    setup: async (p) => { socket = await scriptedSocket(p); },
+  });
+  const msg = (text) => ({ id: randomUUID(), room, author: 'script', text, sent_at: new Date().toISOString() });
+
+  // Heartbeat frames (a protocol extension the client honours when a server
+  // sends them) every second, then silence: a dead socket without a close.
+  const c0 = await socket.connection(0);
+  c0.send(frames.message('c1', msg('one')));
+  c0.send(frames.ready('c1'));
+  await waitForStatus(page, 'live');
+  for (let i = 0; i < 3; i += 1) {
+    c0.send(JSON.stringify({ type: 'heartbeat' }));
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+  const c1 = await socket.connection(1, 15_000);
+  assert.equal(new URL(c1.url()).searchParams.get('since'), 'c1');
+  c1.send(frames.message('c2', msg('two')));
+  c1.send(frames.ready('c2'));
+  await waitForMessage(page, { text: 'two' });
+
+  // Without heartbeats a quiet socket is left alone, but coming back online
+  // replaces it at once (the old one may have died with the network).
+  await page.context().setOffline(true);
+  await page.context().setOffline(false);
+  const c2 = await socket.connection(2);
+  assert.equal(new URL(c2.url()).searchParams.get('since'), 'c2');
+  c2.send(frames.ready('c2'));
+  await waitForStatus(page, 'live');
+  assert.deepEqual((await readMessages(page)).map((m) => m.text), ['one', 'two']);
 });
