@@ -99,6 +99,10 @@ pub enum ServerFrame {
     /// `since` was too old or unknown: drop the list and take the history
     /// that follows.
     Reset { reason: String },
+    /// Sent every ping interval (an extension of protocol v1), so a
+    /// browser, which cannot see WebSocket pings, can tell a dead socket
+    /// from a quiet room. Clients ignore frame types they do not know.
+    Heartbeat,
 }
 
 #[cfg(test)]
@@ -128,6 +132,9 @@ mod tests {
 
         let v = serde_json::to_value(ServerFrame::Reset { reason: "too old".into() }).unwrap();
         assert_eq!(v, serde_json::json!({"type": "reset", "reason": "too old"}));
+
+        let v = serde_json::to_value(ServerFrame::Heartbeat).unwrap();
+        assert_eq!(v, serde_json::json!({"type": "heartbeat"}));
     }
 
     #[test]

@@ -30,6 +30,9 @@ const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the 1001 "going away" close may take at shutdown.
 const SHUTDOWN_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The heartbeat frame, sent with every ping (see `ServerFrame::Heartbeat`).
+const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
+
 /// Incoming data is never expected (clients send only control frames), so
 /// the read side is kept tiny: this is most of an idle socket's memory.
 pub const READ_BUFFER_SIZE: usize = 1024;
@@ -203,8 +206,13 @@ async fn serve(s: &mut Session, room: &str, since: Option<String>) -> Result<(),
                     tracing::debug!(%room, "dropping a socket that stopped answering pings");
                     return Err(Stop::Gone);
                 }
-                let write_timeout = state.ws.write_timeout;
-                match timeout(write_timeout, s.socket.send(Message::Ping(Default::default()))).await {
+                // A ping for the peer's TCP stack, a heartbeat for the page.
+                let write = async {
+                    s.socket.feed(Message::Ping(Default::default())).await?;
+                    s.socket.feed(Message::Text(Utf8Bytes::from_static(HEARTBEAT))).await?;
+                    s.socket.flush().await
+                };
+                match timeout(state.ws.write_timeout, write).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return Err(Stop::Gone),
                     Err(_) => return Err(Stop::Slow),

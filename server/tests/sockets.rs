@@ -88,6 +88,29 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
 }
 
 #[tokio::test]
+async fn heartbeats_arrive_every_ping_interval() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut config = test_config();
+    config.ws_ping_interval = Duration::from_millis(200);
+    let s = TestServer::start(config).await;
+    let (mut c, _) = s.ws_ready("beats").await;
+    let mut beats = 0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while beats < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, c.stream.next()).await.expect("three heartbeats within 2 s") {
+            Some(Ok(Message::Text(t))) => {
+                assert_eq!(t.as_str(), r#"{"type":"heartbeat"}"#);
+                beats += 1;
+            }
+            Some(Ok(Message::Ping(_))) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn shutdown_closes_sockets_with_1001_and_finishes() {
     let s = TestServer::start(test_config()).await;
     let (mut a, _) = s.ws_ready("bye").await;

@@ -241,6 +241,8 @@ impl Chat {
                 self.reset();
                 FrameEffect::Nothing
             }
+            // Liveness only; net.rs times the gaps between them.
+            ServerFrame::Heartbeat => FrameEffect::Nothing,
         }
     }
 

@@ -349,7 +349,10 @@
     }, CONNECT_TIMEOUT_MS);
     ws.addEventListener('open', () => clearTimeout(openTimer));
     ws.addEventListener('message', (ev) => {
-      if (socket === ws) onFrame(ev.data);
+      if (socket === ws) {
+        lastFrameAt = Date.now();
+        onFrame(ev.data);
+      }
     });
     ws.addEventListener('close', () => {
       clearTimeout(openTimer);
@@ -360,6 +363,24 @@
       if (!leaving) scheduleReconnect();
     });
   }
+
+  // Browsers cannot see WebSocket pings. Once two heartbeats have shown
+  // the interval, 2.5 intervals of silence mean the socket is dead: drop it
+  // and reconnect from the last cursor, without waiting for TCP to notice.
+  let lastFrameAt = 0;
+  let lastHeartbeatAt = 0;
+  let heartbeatEveryMs = 0;
+  setInterval(() => {
+    const ws = socket;
+    if (!ws || ws.readyState !== WebSocket.OPEN || !heartbeatEveryMs) return;
+    if (Date.now() - lastFrameAt > 2.5 * heartbeatEveryMs) {
+      socket = null;
+      lastHeartbeatAt = 0;
+      heartbeatEveryMs = 0;
+      ws.close();
+      scheduleReconnect();
+    }
+  }, 1000);
 
   function scheduleReconnect() {
     const ceiling = Math.min(RECONNECT_MAX_MS, RECONNECT_BASE_MS * 2 ** attempt);
@@ -395,6 +416,14 @@
       case 'reset':
         reset();
         break;
+      case 'heartbeat': {
+        // The server sends one per ping interval; learn the interval so
+        // silence can tell a dead socket from a quiet room.
+        const now = Date.now();
+        if (lastHeartbeatAt) heartbeatEveryMs = Math.max(1000, now - lastHeartbeatAt);
+        lastHeartbeatAt = now;
+        break;
+      }
       default:
         // A newer server may add frame types; this client ignores them.
         break;

@@ -155,8 +155,11 @@ impl WsClient {
         loop {
             match self.stream.next().await {
                 Some(Ok(Message::Text(t))) => {
-                    return Ok(serde_json::from_str(t.as_str())
-                        .unwrap_or_else(|e| panic!("frame is not protocol JSON ({e}): {t}")))
+                    match serde_json::from_str(t.as_str()) {
+                        Ok(ServerFrame::Heartbeat) => continue,
+                        Ok(frame) => return Ok(frame),
+                        Err(e) => panic!("frame is not protocol JSON ({e}): {t}"),
+                    }
                 }
                 Some(Ok(Message::Close(frame))) => return Err(Ended::Closed(frame.map(|f| u16::from(f.code)))),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -180,6 +183,7 @@ impl WsClient {
                     b.ready_cursor = cursor;
                     return b;
                 }
+                ServerFrame::Heartbeat => unreachable!("next_frame skips heartbeats"),
             }
         }
     }
