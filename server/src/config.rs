@@ -163,8 +163,10 @@ impl Config {
         if self.kinesis_call_timeout < Duration::from_millis(100) {
             return Err("invalid --kinesis-call-timeout: must be at least 100ms".into());
         }
-        if self.kinesis_put_budget < self.kinesis_call_timeout {
-            return Err("invalid --kinesis-put-budget: must be at least --kinesis-call-timeout".into());
+        if self.kinesis_put_budget < self.kinesis_call_timeout * 2 {
+            return Err(
+                "invalid --kinesis-put-budget: must be at least twice --kinesis-call-timeout (room for a retry)".into(),
+            );
         }
         if self.kinesis_linger > Duration::from_secs(1) {
             return Err("invalid --kinesis-linger: at most 1s".into());

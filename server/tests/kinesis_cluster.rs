@@ -142,7 +142,7 @@ async fn reshard_during_steady_flow() {
             let mut k = 0;
             while !stop.is_cancelled() {
                 let (m, cursor) = send_retrying(s, room, "poster", &format!("p{p}:{k}")).await;
-                sent.push((m, cursor));
+                sent.push((m, cursor, std::time::Instant::now()));
                 k += 1;
                 tokio::time::sleep(Duration::from_millis(60)).await;
             }
@@ -152,6 +152,7 @@ async fn reshard_during_steady_flow() {
     let driver = async {
         let c = emu.client().await;
         tokio::time::sleep(Duration::from_secs(2)).await;
+        let split = std::time::Instant::now();
         update_shard_count(&c, &stream, 4).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         // Merge two adjacent open shards.
@@ -168,6 +169,7 @@ async fn reshard_during_steady_flow() {
         open.sort();
         assert_eq!(open.len(), 4, "four open shards after the split");
         let pair = open.windows(2).find(|w| w[0].1 + 1 == w[1].0).expect("adjacent shards");
+        let merge = std::time::Instant::now();
         c.merge_shards()
             .stream_name(&stream)
             .shard_to_merge(&pair[0].2)
@@ -178,11 +180,20 @@ async fn reshard_during_steady_flow() {
         wait_active(&c, &stream).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         stop.cancel();
+        (split, merge)
     };
-    let (sent, ()) = tokio::join!(join_all(posters), driver);
-    let all: Vec<&(ChatMessage, String)> = sent.iter().flatten().collect();
+    let (sent, (split, merge)) = tokio::join!(join_all(posters), driver);
+    // The flow was steady: every room got messages before the split,
+    // between split and merge, and after the merge.
+    for room in [&room_a, &room_b] {
+        let at: Vec<std::time::Instant> =
+            sent.iter().flatten().filter(|(m, ..)| &m.room == room).map(|(.., t)| *t).collect();
+        assert!(at.iter().any(|t| *t < split), "{room}: messages before the split");
+        assert!(at.iter().any(|t| *t > split && *t < merge), "{room}: messages between split and merge");
+        assert!(at.iter().any(|t| *t > merge), "{room}: messages after the merge");
+    }
+    let all: Vec<(ChatMessage, String)> = sent.iter().flatten().map(|(m, c, _)| (m.clone(), c.clone())).collect();
     let count = |room: &str| all.iter().filter(|(m, _)| m.room == room).count();
-    assert!(count(&room_a) > 20 && count(&room_b) > 20, "a steady flow: {} / {}", count(&room_a), count(&room_b));
 
     let mut orders: HashMap<String, Vec<Vec<String>>> = HashMap::new();
     for (room, ws) in &mut sockets {

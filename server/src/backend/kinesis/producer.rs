@@ -399,7 +399,7 @@ impl Task {
             }
         }
         if batch.is_empty() {
-            return Batch::Nothing;
+            return next_retry.map_or(Batch::Nothing, Batch::WaitUntil);
         }
         Batch::Send(batch)
     }
