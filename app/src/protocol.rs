@@ -1,4 +1,4 @@
-//! The wire protocol (../shared/PROTOCOL.md, v1) as Rust types.
+//! The wire protocol (docs/PROTOCOL.md, v1) as Rust types.
 //!
 //! The server, the Leptos client and every test use these types; the plain
 //! JavaScript client speaks the same JSON. Nothing here depends on the

@@ -1,4 +1,4 @@
-//! The HTTP routes of ../shared/PROTOCOL.md: post and page messages, the
+//! The HTTP routes of docs/PROTOCOL.md: post and page messages, the
 //! WebSocket upgrade, health, readiness and metrics.
 //!
 //! Request bodies are read and checked by hand rather than with axum's

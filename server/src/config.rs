@@ -1,6 +1,6 @@
 //! Configuration: one clap struct; every field is a flag and an env var.
 //!
-//! Names follow ../shared/PROTOCOL.md. Invalid values stop start-up with
+//! Names follow docs/PROTOCOL.md. Invalid values stop start-up with
 //! one clear line (see `main.rs`), never a backtrace.
 
 use clap::{Parser, ValueEnum};

@@ -79,6 +79,28 @@ pub fn log_site() {
     }
 }
 
+/// Whether every file under `pkg` has a `.gz` copy at least as new as it
+/// (`scripts/build-release` and `scripts/run` write them after building).
+/// A stale copy would serve an old wasm beside new JS, so then none is used.
+fn gzip_copies_are_fresh(pkg: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(pkg) else { return false };
+    let mut any = false;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+        if !matches!(ext, "wasm" | "js" | "css") {
+            continue;
+        }
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let gz = path.with_extension(format!("{ext}.gz"));
+        match (modified(&path), modified(&gz)) {
+            (Some(orig), Some(copy)) if copy >= orig => any = true,
+            _ => return false,
+        }
+    }
+    any
+}
+
 /// The page routes (`/` and `/pkg/*`); merged into the app's router.
 pub fn routes() -> Router<AppState> {
     // Leptos spawns its rendering tasks on tokio; an Err only means another
@@ -86,14 +108,21 @@ pub fn routes() -> Router<AppState> {
     let _ = any_spawner::Executor::init_tokio();
     let o = options();
     let pkg = Path::new(&*o.site_root).join(&*o.site_pkg_dir);
-    let files = ServeDir::new(&pkg).append_index_html_on_directories(false);
+    let mut files = ServeDir::new(&pkg).append_index_html_on_directories(false);
+    let gzipped = gzip_copies_are_fresh(&pkg);
+    if gzipped {
+        files = files.precompressed_gzip();
+    }
     // A server built by plain `cargo build` (no LEPTOS_OUTPUT_NAME at compile
     // time) asks for wasm-bindgen's `<name>_bg.wasm`; cargo-leptos writes
     // `<name>.wasm`. Answer both, so any build of the server works.
     let mut router = Router::new().route("/", get(page));
     let bg_name = format!("{}_bg.wasm", o.output_name);
     if !pkg.join(&bg_name).exists() {
-        let wasm = ServeFile::new(pkg.join(format!("{}.wasm", o.output_name)));
+        let mut wasm = ServeFile::new(pkg.join(format!("{}.wasm", o.output_name)));
+        if gzipped {
+            wasm = wasm.precompressed_gzip();
+        }
         router = router.route_service(&format!("/{}/{bg_name}", o.site_pkg_dir), wasm);
     }
     router.nest_service(&format!("/{}", o.site_pkg_dir), files)

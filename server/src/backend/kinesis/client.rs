@@ -292,6 +292,15 @@ impl Failure {
     }
 }
 
+/// The innermost error of a chain, as one line.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut e = err;
+    while let Some(inner) = e.source() {
+        e = inner;
+    }
+    e.to_string().lines().next().unwrap_or_default().to_owned()
+}
+
 /// A failed call, classified, with a one-line description.
 #[derive(Debug, Clone)]
 pub struct CallError {
@@ -330,6 +339,9 @@ impl CallError {
             (Some(c), None) => c.clone(),
             _ => match kind {
                 Failure::Timeout => "no answer from Kinesis within the time limit".to_owned(),
+                // The SDK's own context is a page of connector internals;
+                // the innermost cause ("Connection refused") is what helps.
+                Failure::Unreachable => format!("cannot reach the Kinesis endpoint ({})", root_cause(&err)),
                 _ => DisplayErrorContext(&err).to_string(),
             },
         };
