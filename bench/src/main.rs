@@ -97,6 +97,12 @@ struct RunArgs {
     /// Wait after connecting, before measuring memory and posting.
     #[arg(long, default_value_t = 1.0)]
     settle_s: f64,
+    /// After posting stops, keep the subscribers at least this long (when
+    /// other processes post to the same room, their last messages still
+    /// count); the usual drain (up to 5 s, until this process's own posts
+    /// have arrived everywhere) follows.
+    #[arg(long, default_value_t = 0.0)]
+    min_drain_s: f64,
     /// Messages per second, `max` (as fast as the window allows) or 0 (none).
     #[arg(long, default_value = "max")]
     rate: String,
@@ -139,7 +145,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => {
             // Every run ends: a watchdog outlives any phase by a margin.
-            let limit = args.connect_timeout_s + args.settle_s + args.warmup_s + args.duration_s + 60.0;
+            let limit = args.connect_timeout_s + args.settle_s + args.warmup_s + args.duration_s + args.min_drain_s + 60.0;
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_secs_f64(limit));
                 eprintln!("loadgen: still running after {limit:.0} s; giving up");
@@ -318,6 +324,7 @@ async fn run(args: &RunArgs) -> anyhow::Result<RunResult> {
     let _ = stop_post.send(true);
     if let Some(p) = poster {
         let _ = tokio::time::timeout(Duration::from_secs(15), p).await;
+        tokio::time::sleep(Duration::from_secs_f64(args.min_drain_s)).await;
         let drain_until = Instant::now() + DRAIN;
         while Instant::now() < drain_until {
             let expected = stats.ok.load(Ordering::Relaxed) * shared.live.load(Ordering::Relaxed);
