@@ -7,7 +7,7 @@
 //! may reshard), and keeps the per-shard lag gauges fresh.
 //!
 //! A shard task polls `GetRecords` at an adaptive interval: the base
-//! interval (≥ 200 ms, so ≤ 5 calls/s per shard from this instance), doubled
+//! interval (≥ 200 ms, so ≤ 5 calls/s per shard from this instance), grown 1.5×
 //! on throttling up to a ceiling and shrunk slowly while calls succeed. It
 //! decodes each record (JSON or KPL aggregate) and publishes the messages, in
 //! shard order, into the hub. It remembers the last sequence number it read:
@@ -474,7 +474,7 @@ async fn read_shard(ctx: Arc<Ctx>, shard: String, start: Start, events: mpsc::Se
                 ctx.metrics.shard_seconds_since_read.get_or_create(&labels).set(0.0);
                 ctx.state.read_ok(&shard, behind == 0 && out.records().len() < RECORDS_PER_CALL as usize);
                 // Shrink slowly back towards the base rate.
-                interval = (interval.mul_f64(0.9)).max(ctx.settings.poll);
+                interval = (interval.mul_f64(0.95)).max(ctx.settings.poll);
                 match out.next_shard_iterator() {
                     Some(next) => iterator = Some(next.to_owned()),
                     None => {
@@ -509,7 +509,7 @@ async fn read_shard(ctx: Arc<Ctx>, shard: String, start: Start, events: mpsc::Se
                     Failure::Throttled => {
                         ctx.metrics.throttled.get_or_create(&throttle_labels).inc();
                         ctx.state.read_failed(&shard, &e.message);
-                        interval = (interval * 2).min(ctx.settings.max_poll);
+                        interval = (interval.mul_f64(1.5)).min(ctx.settings.max_poll);
                         tracing::debug!(%shard, ?interval, "GetRecords throttled; slowing down");
                         iterator = Some(it);
                         next_call = Instant::now() + interval;
