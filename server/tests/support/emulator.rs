@@ -158,9 +158,26 @@ impl Emulator {
 
     /// Kills the process (like a crash: SIGKILL).
     pub fn kill(&mut self) {
+        // kinesis-mock rewrites its data file in place (truncate, then
+        // write) every PERSIST_INTERVAL, so a SIGKILL can land between the
+        // two and leave an empty file that it then fails to load. Callers
+        // let it persist first; keep that complete copy and put it back if
+        // the kill caught a rewrite half done.
+        let data = self.persist.as_ref().map(|dir| dir.join("kinesis-data.json"));
+        // Three reads, keeping the longest, in case one meets a rewrite.
+        let snapshot = data
+            .as_ref()
+            .and_then(|f| (0..3).filter_map(|_| std::fs::read(f).ok()).max_by_key(Vec::len))
+            .filter(|b| !b.is_empty());
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let (Some(file), Some(snapshot)) = (data, snapshot) {
+            let now = std::fs::read(&file).unwrap_or_default();
+            if now.len() < snapshot.len() {
+                std::fs::write(&file, &snapshot).expect("restore the emulator's data file");
+            }
         }
     }
 
