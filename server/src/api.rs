@@ -9,14 +9,14 @@ use crate::backend::Appended;
 use crate::cursor::Position;
 use crate::error::ApiError;
 use crate::rooms::Entry;
+use crate::serve::Handshake;
 use crate::{ws, AppState};
 use app::{
     validate, ChatMessage, HistoryEntry, HistoryResponse, PostMessage, PostResponse, DEFAULT_HISTORY, DEFAULT_ROOM,
     MAX_BODY_BYTES, MAX_HISTORY_LIMIT,
 };
 use axum::body::Body;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{ConnectInfo, FromRequestParts, Query, Request, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, FromRequestParts, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -206,22 +206,14 @@ pub struct WsQuery {
 pub async fn websocket(
     State(state): State<AppState>,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(format!("Bad query string ({e})."), None))?;
     let room = room_param(q.room)?;
-    let upgrade = upgrade.map_err(|e| {
-        ApiError::bad_request(format!("/ws takes a WebSocket upgrade request ({}).", e.body_text()), None)
-    })?;
+    let handshake = Handshake::from_request(&mut request)?;
     let since = q.since.filter(|s| !s.is_empty());
     let sessions = state.sessions.clone();
-    Ok(upgrade
-        .read_buffer_size(ws::READ_BUFFER_SIZE)
-        .write_buffer_size(ws::WRITE_BUFFER_SIZE)
-        .max_write_buffer_size(ws::MAX_WRITE_BUFFER_SIZE)
-        .max_message_size(ws::MAX_INCOMING_MESSAGE)
-        .max_frame_size(ws::MAX_INCOMING_MESSAGE)
-        .on_upgrade(move |socket| sessions.track_future(ws::run_session(socket, state, room, since))))
+    Ok(handshake.respond(&sessions, move |stream, early| ws::run_session(stream, early, state, room, since)))
 }
 
 /// `GET /healthz`: the process serves.

@@ -34,9 +34,12 @@ pub mod error;
 pub mod metrics;
 pub mod plain;
 pub mod ratelimit;
+pub mod fanout;
 pub mod rooms;
+pub mod serve;
 pub mod ssr;
 pub mod ws;
+pub mod wsframe;
 
 use crate::backend::memory::MemoryBackend;
 use crate::backend::Backend;
@@ -49,7 +52,6 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use std::net::SocketAddr;
 use std::ops::Deref;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -176,10 +178,7 @@ pub async fn run(listener: TcpListener, state: AppState) -> anyhow::Result<()> {
     let sessions = state.sessions.clone();
     let grace = state.shutdown_grace;
     ssr::log_site();
-    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    serve::serve(listener, app(state), shutdown).await?;
     sessions.close();
     if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
         tracing::warn!("some sockets did not close within the shutdown grace period");

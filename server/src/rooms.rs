@@ -3,20 +3,22 @@
 //!
 //! Every backend feeds messages in stream order through [`Rooms::publish`].
 //! There they are deduplicated by id (the stream is at-least-once),
-//! serialized once into a `message` frame, appended to the room's bounded
-//! window and broadcast to the room's sockets. Subscribing takes the backlog
-//! and the live receiver under the same lock, so nothing falls between them.
+//! encoded once into a WebSocket `message` frame, appended to the room's
+//! bounded window and handed to the fan-out (`fanout.rs`). Subscribing
+//! takes the backlog and joins the fan-out under the same lock as
+//! publishing, so nothing falls between them or arrives twice.
 
 use crate::cursor::Position;
+use crate::fanout::{Fanout, Outlet};
 use crate::metrics::Metrics;
+use crate::wsframe;
 use app::{ChatMessage, ServerFrame};
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use parking_lot::Mutex;
 use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::broadcast;
 
 /// One message as it sits in a room: where it is, what it is, and its
 /// frame, encoded once for every socket.
@@ -26,8 +28,11 @@ pub struct Entry {
     /// `pos` encoded for clients.
     pub cursor: String,
     pub message: ChatMessage,
-    /// The `{"type":"message",...}` frame, shared by every socket.
-    pub frame: Utf8Bytes,
+    /// The whole WebSocket text frame of `{"type":"message",...}`, the same
+    /// bytes for every socket.
+    pub wire: Bytes,
+    /// Where the JSON starts in `wire`.
+    json_at: usize,
 }
 
 impl Entry {
@@ -36,7 +41,14 @@ impl Entry {
         let frame = ServerFrame::Message { cursor: cursor.clone(), message: message.clone() };
         // Serializing plain strings into JSON cannot fail.
         let json = serde_json::to_string(&frame).expect("serialize message frame");
-        Entry { pos, cursor, message, frame: Utf8Bytes::from(json) }
+        let wire = wsframe::text(&json);
+        Entry { pos, cursor, message, json_at: wire.len() - json.len(), wire }
+    }
+
+    /// The frame's JSON text.
+    pub fn json(&self) -> &str {
+        // `wire` ends with the JSON written in `new`.
+        std::str::from_utf8(&self.wire[self.json_at..]).expect("frame payload is the JSON")
     }
 }
 
@@ -86,18 +98,19 @@ pub enum Start {
     OutOfWindow,
 }
 
-/// A socket's view of a room: what it missed and what comes next.
+/// A socket's view of a room: what it missed. What comes next is held in
+/// the socket's outlet until the session releases it.
 pub struct Subscription {
     pub start: Start,
     pub backlog: Vec<Arc<Entry>>,
-    pub live: broadcast::Receiver<Arc<Entry>>,
 }
 
 struct Room {
     window: VecDeque<Arc<Entry>>,
     /// Whether anything was ever dropped from the window's front.
     evicted: bool,
-    tx: broadcast::Sender<Arc<Entry>>,
+    /// Sockets subscribed now.
+    sockets: usize,
     last_active: Instant,
 }
 
@@ -121,11 +134,13 @@ pub struct Rooms {
     metrics: Arc<Metrics>,
     hub: Mutex<Hub>,
     seen: Mutex<Seen>,
+    fanout: Fanout,
 }
 
 impl Rooms {
     pub fn new(config: RoomsConfig, metrics: Arc<Metrics>) -> Self {
-        Self { config, metrics, hub: Mutex::new(Hub::default()), seen: Mutex::new(Seen::default()) }
+        let fanout = Fanout::new(config.socket_queue, metrics.clone());
+        Self { config, metrics, hub: Mutex::new(Hub::default()), seen: Mutex::new(Seen::default()), fanout }
     }
 
     pub fn config(&self) -> &RoomsConfig {
@@ -165,8 +180,9 @@ impl Rooms {
             room.evicted = true;
         }
         room.last_active = Instant::now();
-        // An error only means nobody is listening in this room right now.
-        let _no_listeners = room.tx.send(entry.clone());
+        if room.sockets > 0 {
+            self.fanout.publish(&entry);
+        }
         hub.order.push_back(entry.clone());
         while hub.order.len() > self.config.max_messages {
             let Some(oldest) = hub.order.pop_front() else { break };
@@ -182,11 +198,13 @@ impl Rooms {
         Published::New(entry)
     }
 
-    /// Subscribes to a room, with the backlog that precedes the live feed.
-    pub fn subscribe(&self, room: &str, since: Option<&Position>, history: usize) -> Subscription {
+    /// Subscribes a socket to a room: returns the backlog that precedes
+    /// the live feed, which goes to `outlet` (held until released).
+    pub fn subscribe(&self, room: &str, since: Option<&Position>, history: usize, outlet: Arc<Outlet>) -> Subscription {
         let mut hub = self.hub.lock();
         let r = self.room_mut(&mut hub.rooms, room);
-        let live = r.tx.subscribe();
+        r.sockets += 1;
+        self.fanout.join(room, outlet);
         let (start, backlog) = match since {
             None => (Start::History, tail(&r.window, history)),
             Some(pos) => match index_after(&r.window, pos) {
@@ -194,7 +212,16 @@ impl Rooms {
                 None => (Start::OutOfWindow, r.window.iter().cloned().collect()),
             },
         };
-        Subscription { start, backlog, live }
+        Subscription { start, backlog }
+    }
+
+    /// Takes a socket out of its room.
+    pub fn unsubscribe(&self, room: &str, outlet: &Outlet) {
+        let mut hub = self.hub.lock();
+        if let Some(r) = hub.rooms.get_mut(room) {
+            r.sockets = r.sockets.saturating_sub(1);
+        }
+        self.fanout.leave(room, outlet);
     }
 
     /// Up to `limit` messages strictly before `before` (or the newest),
@@ -227,10 +254,9 @@ impl Rooms {
             if rooms.len() >= self.config.max_rooms {
                 evict_idle_room(rooms);
             }
-            let (tx, _) = broadcast::channel(self.config.socket_queue.max(1));
             rooms.insert(
                 name.to_owned(),
-                Room { window: VecDeque::new(), evicted: false, tx, last_active: Instant::now() },
+                Room { window: VecDeque::new(), evicted: false, sockets: 0, last_active: Instant::now() },
             );
         }
         // Inserted just above when missing.
@@ -242,7 +268,7 @@ impl Rooms {
 fn evict_idle_room(rooms: &mut HashMap<String, Room>) {
     let victim = rooms
         .iter()
-        .filter(|(_, r)| r.tx.receiver_count() == 0)
+        .filter(|(_, r)| r.sockets == 0)
         .min_by_key(|(_, r)| r.last_active)
         .map(|(name, _)| name.clone());
     if let Some(name) = victim {
@@ -295,6 +321,14 @@ mod tests {
         )
     }
 
+    /// An outlet on a real loopback socket, and the client's end.
+    async fn outlet() -> (Arc<Outlet>, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Outlet::new(server, 8), client)
+    }
+
     fn ids(entries: &[Arc<Entry>]) -> Vec<&str> {
         entries.iter().map(|e| e.message.id.as_str()).collect()
     }
@@ -302,7 +336,9 @@ mod tests {
     #[test]
     fn frame_is_the_protocol_message_frame() {
         let e = Entry::new(pos(1), msg("x", "lobby"));
-        let v: serde_json::Value = serde_json::from_str(e.frame.as_str()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(e.json()).unwrap();
+        assert_eq!(e.wire[0], 0x81, "an unmasked, final text frame");
+        assert!(e.wire.ends_with(e.json().as_bytes()));
         assert_eq!(v["type"], "message");
         assert_eq!(v["cursor"], e.cursor.as_str());
         assert_eq!(v["message"]["id"], "x");
@@ -319,36 +355,36 @@ mod tests {
         assert_eq!(ids(&r.history("lobby", None, 10)), ["a"]);
     }
 
-    #[test]
-    fn since_inside_window_gives_exactly_the_rest() {
+    #[tokio::test]
+    async fn since_inside_window_gives_exactly_the_rest() {
         let r = rooms(10);
         for i in 1..=5 {
             r.publish(pos(i * 2), msg(&format!("m{i}"), "lobby"));
             r.publish(pos(i * 2 + 1), msg(&format!("o{i}"), "other"));
         }
-        let s = r.subscribe("lobby", Some(&pos(6)), 50);
+        let s = r.subscribe("lobby", Some(&pos(6)), 50, outlet().await.0);
         assert!(matches!(s.start, Start::After));
         assert_eq!(ids(&s.backlog), ["m4", "m5"]);
         // A position from another room between two of ours works too.
-        let s = r.subscribe("lobby", Some(&pos(7)), 50);
+        let s = r.subscribe("lobby", Some(&pos(7)), 50, outlet().await.0);
         assert_eq!(ids(&s.backlog), ["m4", "m5"]);
         // The newest position: nothing missed.
-        let s = r.subscribe("lobby", Some(&pos(11)), 50);
+        let s = r.subscribe("lobby", Some(&pos(11)), 50, outlet().await.0);
         assert!(matches!(s.start, Start::After));
         assert!(s.backlog.is_empty());
     }
 
-    #[test]
-    fn since_outside_window_is_reported() {
+    #[tokio::test]
+    async fn since_outside_window_is_reported() {
         let r = rooms(3);
         for i in 1..=5 {
             r.publish(pos(i), msg(&format!("m{i}"), "lobby"));
         }
         assert!(r.evicted("lobby"));
-        let s = r.subscribe("lobby", Some(&pos(1)), 50);
+        let s = r.subscribe("lobby", Some(&pos(1)), 50, outlet().await.0);
         assert!(matches!(s.start, Start::OutOfWindow));
         assert_eq!(ids(&s.backlog), ["m3", "m4", "m5"]);
-        let s = r.subscribe("lobby", Some(&Position::Memory { epoch: 2, seq: 4 }), 50);
+        let s = r.subscribe("lobby", Some(&Position::Memory { epoch: 2, seq: 4 }), 50, outlet().await.0);
         assert!(matches!(s.start, Start::OutOfWindow));
     }
 
@@ -368,10 +404,26 @@ mod tests {
     async fn live_follows_backlog_without_gap() {
         let r = rooms(10);
         r.publish(pos(1), msg("a", "lobby"));
-        let mut s = r.subscribe("lobby", None, 50);
+        let (o, mut client) = outlet().await;
+        let s = r.subscribe("lobby", None, 50, o.clone());
         r.publish(pos(2), msg("b", "lobby"));
         assert_eq!(ids(&s.backlog), ["a"]);
-        assert_eq!(s.live.recv().await.unwrap().message.id, "b");
+        // Held until the session releases it, then written in order.
+        o.wake.notified().await;
+        o.release(false, |_| true);
+        o.flush().await.unwrap();
+        r.publish(pos(3), msg("c", "lobby"));
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains("text c") {
+            let mut buf = [0u8; 1024];
+            let n = tokio::io::AsyncReadExt::read(&mut client, &mut buf).await.unwrap();
+            assert!(n > 0, "socket closed early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        let (b, c) = (text.find("text b").unwrap(), text.find("text c").unwrap());
+        assert!(b < c, "{text}");
+        r.unsubscribe("lobby", &o);
     }
 
     #[test]
@@ -390,10 +442,10 @@ mod tests {
         assert!(!r.evicted("b"));
     }
 
-    #[test]
-    fn idle_rooms_are_forgotten_beyond_the_limit() {
+    #[tokio::test]
+    async fn idle_rooms_are_forgotten_beyond_the_limit() {
         let r = rooms(10);
-        let _keep = r.subscribe("busy", None, 50);
+        let _keep = r.subscribe("busy", None, 50, outlet().await.0);
         for (i, name) in ["busy", "a", "b", "c", "d"].iter().enumerate() {
             r.publish(pos(i as u64), msg(&format!("{name}{i}"), name));
         }

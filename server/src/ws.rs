@@ -1,48 +1,48 @@
 //! The WebSocket session: backlog, `ready`, then live frames.
 //!
 //! A browser only listens on its socket. The session sends the room's
-//! history (or exactly what followed `since`), a `ready` frame, then every
-//! new message as it is published. Frames come pre-serialized from the hub
-//! and are written in batches (feed, then one flush). A socket that falls
-//! `ws_queue` frames behind, or whose writes block past `ws_write_timeout`,
-//! is closed with 4008 and never slows anyone else; on shutdown every socket
-//! is closed with 1001.
+//! history (or exactly what followed `since`), a `ready` frame, then lets
+//! the fan-out (`fanout.rs`) write every new message straight to the
+//! socket. The session task itself wakes only to finish writes the socket
+//! could not take at once, to read the client's control frames, and to
+//! ping. A socket that falls `ws_queue` frames behind, or whose writes
+//! block past `ws_write_timeout`, is closed with 4008 and never slows
+//! anyone else; on shutdown every socket is closed with 1001.
 
 use crate::backend::CatchUp;
 use crate::cursor::Position;
+use crate::fanout::{Frame, Outlet, Status};
 use crate::rooms::{Entry, Start};
+use crate::wsframe::{self, Decoder, Event};
 use crate::AppState;
 use app::{ServerFrame, CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, DEFAULT_HISTORY};
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use bytes::Bytes;
 use std::collections::HashSet;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
-/// Most frames written before one flush: bounds the time one socket holds
-/// its task between looks at shutdown and pings.
-const MAX_BATCH: usize = 64;
 /// How long a closing handshake may take to be written. Long enough for a
 /// slow client to drain what it was sent before it sees the 4008.
 const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the 1001 "going away" close may take at shutdown.
 const SHUTDOWN_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long other closes (protocol errors, answering the client's close)
+/// may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// After our close frame, how long we read (and drop) what the client
+/// still sends, so that closing does not reset the connection under it.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// The heartbeat frame, sent with every ping (see `ServerFrame::Heartbeat`).
 const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
 
-/// Incoming data is never expected (clients send only control frames), so
-/// the read side is kept tiny: this is most of an idle socket's memory.
-pub const READ_BUFFER_SIZE: usize = 1024;
-/// Outgoing frames are written through this buffer.
-pub const WRITE_BUFFER_SIZE: usize = 16 * 1024;
-/// Bytes queued in the socket's own buffer before a write must wait; the
-/// per-socket queue proper is the room's broadcast ring.
-pub const MAX_WRITE_BUFFER_SIZE: usize = 1024 * 1024;
 /// Largest frame a client may send us (control frames and stray text).
 pub const MAX_INCOMING_MESSAGE: usize = 4096;
+/// Bytes read from a client at a time (it only sends control frames).
+const READ_CHUNK: usize = 256;
 
 /// Why a session ended early.
 enum Stop {
@@ -50,37 +50,36 @@ enum Stop {
     Gone,
     /// The peer could not keep up.
     Slow,
+    /// Close with this code: the client closed, or broke the protocol.
+    Close(u16, &'static str),
 }
 
 struct Session {
-    socket: WebSocket,
+    outlet: Arc<Outlet>,
     state: AppState,
     /// The last cursor sent to this client (for `ready`).
     last_cursor: String,
+    decoder: Decoder,
+    events: Vec<Event>,
+    last_heard: Instant,
 }
 
 impl Session {
-    /// Writes frames with one flush, within the write timeout.
-    async fn send_all<'a>(&mut self, frames: impl Iterator<Item = &'a Utf8Bytes> + Send) -> Result<(), Stop> {
-        let socket = &mut self.socket;
-        let write = async {
-            for f in frames {
-                socket.feed(Message::Text(f.clone())).await?;
-            }
-            socket.flush().await
-        };
-        match timeout(self.state.ws.write_timeout, write).await {
+    /// Writes everything queued, within the write timeout.
+    async fn flush(&mut self) -> Result<(), Stop> {
+        match timeout(self.state.ws.write_timeout, self.outlet.flush()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Stop::Gone),
             Err(_) => Err(Stop::Slow),
         }
     }
 
-    /// Writes message entries with one flush, and counts the deliveries.
+    /// Writes message entries, and counts the deliveries.
     async fn send_entries(&mut self, entries: &[Arc<Entry>]) -> Result<(), Stop> {
         let Some(last) = entries.last() else { return Ok(()) };
         self.last_cursor.clone_from(&last.cursor);
-        self.send_all(entries.iter().map(|e| &e.frame)).await?;
+        self.outlet.push(entries.iter().cloned().map(Frame::Entry));
+        self.flush().await?;
         self.state.metrics.deliveries.inc_by(entries.len() as u64);
         Ok(())
     }
@@ -88,37 +87,107 @@ impl Session {
     async fn send_frame(&mut self, frame: &ServerFrame) -> Result<(), Stop> {
         // Serializing plain strings cannot fail.
         let json = serde_json::to_string(frame).expect("serialize frame");
-        self.send_all(std::iter::once(&Utf8Bytes::from(json))).await
+        self.outlet.push([Frame::Bytes(wsframe::text(&json))]);
+        self.flush().await
     }
 
+    /// Reads what the client sent, answering pings. Errors end the session.
+    fn read_incoming(&mut self) -> Result<(), Stop> {
+        let mut buf = [0u8; READ_CHUNK];
+        loop {
+            match self.outlet.stream.try_read(&mut buf) {
+                Ok(0) => return Err(Stop::Gone),
+                Ok(n) => self.decode(&buf[..n])?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(_) => return Err(Stop::Gone),
+            }
+        }
+    }
+
+    /// Decodes client bytes and acts on each frame.
+    fn decode(&mut self, bytes: &[u8]) -> Result<(), Stop> {
+        if let Err(v) = self.decoder.feed(bytes, &mut self.events) {
+            tracing::debug!(violation = ?v, "closing a socket that broke the WebSocket protocol");
+            return Err(Stop::Close(v.close_code(), "protocol error"));
+        }
+        for event in self.events.drain(..) {
+            self.last_heard = Instant::now();
+            match event {
+                Event::Ping(payload) => self.outlet.push([Frame::Bytes(wsframe::pong(&payload))]),
+                Event::Pong | Event::Data => {}
+                Event::Close(code) => return Err(Stop::Close(echo_code(code), "")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a close frame after what is already being written, then
+    /// ends the connection.
     async fn close(&mut self, code: u16, reason: &'static str, within: Duration) {
-        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-        let _best_effort = timeout(within, self.socket.send(Message::Close(Some(frame)))).await;
+        self.outlet.replace_queue(wsframe::close(code, reason));
+        if matches!(timeout(within, self.outlet.flush()).await, Ok(Ok(()))) {
+            // Half-close, then drop what the client still sends until it
+            // closes too (or briefly), so its close reply is not met by a
+            // reset that could discard our close frame on its side.
+            let _ = socket2::SockRef::from(&self.outlet.stream).shutdown(std::net::Shutdown::Write);
+            let _ = timeout(CLOSE_LINGER, drain(&self.outlet.stream)).await;
+        }
+    }
+}
+
+/// Reads and drops until end of stream.
+async fn drain(stream: &TcpStream) {
+    let mut buf = [0u8; READ_CHUNK];
+    while stream.readable().await.is_ok() {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return, // the client closed too
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The code to answer a client's close with: its own, when it may be sent.
+fn echo_code(code: Option<u16>) -> u16 {
+    match code {
+        Some(c @ (1000..=1003 | 1007..=1014 | 3000..=4999)) => c,
+        _ => wsframe::CLOSE_NORMAL,
     }
 }
 
 /// Runs one socket until it closes, fails, lags or the server shuts down.
-pub async fn run_session(socket: WebSocket, state: AppState, room: String, since: Option<String>) {
+/// `early` holds bytes the client sent right after its handshake.
+pub async fn run_session(stream: TcpStream, early: Bytes, state: AppState, room: String, since: Option<String>) {
     state.metrics.sockets_open.inc();
-    let mut s = Session { socket, state: state.clone(), last_cursor: String::new() };
-    let result = serve(&mut s, &room, since).await;
+    let outlet = Outlet::new(stream, state.rooms.config().socket_queue);
+    let mut s = Session {
+        outlet: outlet.clone(),
+        state: state.clone(),
+        last_cursor: String::new(),
+        decoder: Decoder::new(MAX_INCOMING_MESSAGE),
+        events: Vec::new(),
+        last_heard: Instant::now(),
+    };
+    let result = serve(&mut s, &room, since, &early).await;
+    state.rooms.unsubscribe(&room, &outlet);
     match result {
-        Ok(()) => {}
-        Err(Stop::Gone) => {}
+        Ok(()) | Err(Stop::Gone) => {}
         Err(Stop::Slow) => {
             state.metrics.slow_consumer_closes.inc();
             tracing::info!(%room, "closing slow consumer");
             s.close(CLOSE_SLOW_CONSUMER, "slow consumer", SLOW_CLOSE_TIMEOUT).await;
         }
+        Err(Stop::Close(code, reason)) => s.close(code, reason, CLOSE_TIMEOUT).await,
     }
     state.metrics.sockets_open.dec();
 }
 
-async fn serve(s: &mut Session, room: &str, since: Option<String>) -> Result<(), Stop> {
+async fn serve(s: &mut Session, room: &str, since: Option<String>, early: &[u8]) -> Result<(), Stop> {
     let since_pos = since.as_deref().map(Position::decode);
     let state = s.state.clone();
-    let sub = state.rooms.subscribe(room, since_pos.as_ref().and_then(Option::as_ref), DEFAULT_HISTORY);
-    let mut live = sub.live;
+    let sub = state.rooms.subscribe(room, since_pos.as_ref().and_then(Option::as_ref), DEFAULT_HISTORY, s.outlet.clone());
+    s.decode(early)?;
     // Ids sent while splicing a catch-up read; a live frame already sent
     // that way is skipped.
     let mut spliced: HashSet<String> = HashSet::new();
@@ -162,11 +231,21 @@ async fn serve(s: &mut Session, room: &str, since: Option<String>) -> Result<(),
     let ready = ServerFrame::Ready { cursor: s.last_cursor.clone() };
     s.send_frame(&ready).await?;
 
+    // Go live: what was published meanwhile follows `ready`. While some
+    // spliced ids may still come live, this session filters live entries
+    // itself; otherwise the fan-out writes them straight to the socket.
+    let mut filtering = !spliced.is_empty();
+    s.outlet.release(filtering, |e| !spliced.remove(&e.message.id));
+    if filtering && spliced.is_empty() {
+        filtering = false;
+        s.outlet.release(false, |_| true);
+    }
+    s.flush().await?;
+
     let ping_every = state.ws.ping_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
-    let mut batch: Vec<Arc<Entry>> = Vec::with_capacity(MAX_BATCH);
+    s.last_heard = Instant::now();
 
     loop {
         tokio::select! {
@@ -175,48 +254,36 @@ async fn serve(s: &mut Session, room: &str, since: Option<String>) -> Result<(),
                 s.close(CLOSE_GOING_AWAY, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT).await;
                 return Ok(());
             }
-            received = live.recv() => {
-                batch.clear();
-                match received {
-                    Ok(e) => batch.push(e),
-                    Err(RecvError::Lagged(_)) => return Err(Stop::Slow),
-                    // The hub never drops a room with a subscriber.
-                    Err(RecvError::Closed) => return Err(Stop::Gone),
+            () = s.outlet.wake.notified() => {
+                match s.outlet.status() {
+                    Status::Open => {}
+                    Status::Slow => return Err(Stop::Slow),
+                    Status::Gone => return Err(Stop::Gone),
                 }
-                while batch.len() < MAX_BATCH {
-                    match live.try_recv() {
-                        Ok(e) => batch.push(e),
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Lagged(_)) => return Err(Stop::Slow),
-                        Err(TryRecvError::Closed) => return Err(Stop::Gone),
+                if filtering {
+                    s.outlet.release(true, |e| !spliced.remove(&e.message.id));
+                    if spliced.is_empty() {
+                        filtering = false;
+                        s.outlet.release(false, |_| true);
                     }
                 }
-                if !spliced.is_empty() {
-                    batch.retain(|e| !spliced.remove(&e.message.id));
-                }
-                s.send_entries(&batch).await?;
+                s.flush().await?;
             }
-            incoming = s.socket.recv() => match incoming {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Err(Stop::Gone),
-                // Pongs, and anything else a client sends, prove it is alive.
-                Some(Ok(_)) => last_heard = Instant::now(),
-            },
+            readable = s.outlet.stream.readable() => {
+                readable.map_err(|_| Stop::Gone)?;
+                s.read_incoming()?;
+                if s.outlet.has_queued() {
+                    s.flush().await?; // pongs
+                }
+            }
             _ = ping.tick() => {
-                if last_heard.elapsed() > ping_every * 2 {
+                if s.last_heard.elapsed() > ping_every * 2 {
                     tracing::debug!(%room, "dropping a socket that stopped answering pings");
                     return Err(Stop::Gone);
                 }
                 // A ping for the peer's TCP stack, a heartbeat for the page.
-                let write = async {
-                    s.socket.feed(Message::Ping(Default::default())).await?;
-                    s.socket.feed(Message::Text(Utf8Bytes::from_static(HEARTBEAT))).await?;
-                    s.socket.flush().await
-                };
-                match timeout(state.ws.write_timeout, write).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return Err(Stop::Gone),
-                    Err(_) => return Err(Stop::Slow),
-                }
+                s.outlet.push([Frame::Bytes(wsframe::ping()), Frame::Bytes(wsframe::text(HEARTBEAT))]);
+                s.flush().await?;
             }
         }
     }
