@@ -70,6 +70,8 @@ struct State {
     queue: VecDeque<Frame>,
     /// Bytes of `queue.front()` already written.
     offset: usize,
+    /// A close frame is queued: nothing may follow it on the wire.
+    closing: bool,
 }
 
 /// One socket's write side, shared by its session and a fan-out worker.
@@ -90,7 +92,7 @@ impl Outlet {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             stream,
             limit: limit.max(1),
-            state: Mutex::new(State { status: Status::Open, held: Some(Vec::new()), queue: VecDeque::new(), offset: 0 }),
+            state: Mutex::new(State { status: Status::Open, held: Some(Vec::new()), queue: VecDeque::new(), offset: 0, closing: false }),
             wake: Notify::new(),
         })
     }
@@ -115,7 +117,7 @@ impl Outlet {
     fn offer(&self, entries: &[Arc<Entry>]) -> usize {
         let mut guard = self.state.lock();
         let st = &mut *guard;
-        if st.status != Status::Open {
+        if st.status != Status::Open || st.closing {
             return 0;
         }
         let wake = if let Some(held) = &mut st.held {
@@ -184,13 +186,15 @@ impl Outlet {
     }
 
     /// Drops every queued frame not yet begun (a partly written frame
-    /// stays, so the stream remains well-formed), then queues `last`.
+    /// stays, so the stream remains well-formed), then queues `last`, the
+    /// close frame: from then on the fan-out offers this outlet nothing.
     pub fn replace_queue(&self, last: Bytes) {
         let mut st = self.state.lock();
         let keep = usize::from(st.offset > 0);
         st.queue.truncate(keep);
         st.queue.push_back(Frame::Bytes(last));
         st.held = None;
+        st.closing = true;
     }
 
     /// Moves the live entries held so far into the queue, minus those

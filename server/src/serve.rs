@@ -17,7 +17,7 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -58,7 +58,12 @@ async fn serve_connection(stream: TcpStream, remote: SocketAddr, router: Router,
         request.extensions_mut().insert(ConnectInfo(remote));
         router.clone().oneshot(request)
     });
-    let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades();
+    // The timer arms hyper's default 30 s limit on reading a request's
+    // headers, so a client that trickles them cannot hold a connection.
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,

@@ -1,5 +1,5 @@
 //! WebSocket behaviour that protects everyone else: slow consumers, dead
-//! peers, shutdown.
+//! peers, shutdown, and clients that break the WebSocket protocol.
 
 mod support;
 
@@ -119,4 +119,172 @@ async fn shutdown_closes_sockets_with_1001_and_finishes() {
     assert_eq!(a.until_end().await, Ended::Closed(Some(1001)));
     assert_eq!(b.until_end().await, Ended::Closed(Some(1001)));
     stop.await.unwrap().expect("run returns Ok after a graceful shutdown");
+}
+
+/// A raw TCP connection that has done the WebSocket handshake for `room`,
+/// for sending bytes no well-behaved client library would.
+async fn raw_socket(s: &TestServer, room: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let request = format!(
+        "GET /ws?room={room} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        s.addr
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    // Read the 101 response head, byte by byte so no frame is consumed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(tokio::time::timeout(WAIT, tcp.read(&mut b)).await.unwrap().unwrap(), 1);
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "RFC 6455 accept key: {head}");
+    tcp
+}
+
+/// Reads server frames from a raw socket until a close frame; returns its
+/// code and the text frames seen before it (backlog, ready, heartbeats).
+async fn raw_until_close(tcp: &mut tokio::net::TcpStream) -> (u16, Vec<String>) {
+    use tokio::io::AsyncReadExt;
+    let mut texts = Vec::new();
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // Parse whole frames from `buf` (server frames are unmasked).
+        while buf.len() >= 2 {
+            let (len, at) = match buf[1] & 0x7F {
+                126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+                127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize, 10),
+                126 | 127 => break,
+                n => (usize::from(n), 2),
+            };
+            assert_eq!(buf[1] & 0x80, 0, "server frames are unmasked");
+            if buf.len() < at + len {
+                break;
+            }
+            let payload = buf[at..at + len].to_vec();
+            let opcode = buf[0] & 0x0F;
+            buf.drain(..at + len);
+            match opcode {
+                0x1 => texts.push(String::from_utf8(payload).expect("text frames are UTF-8")),
+                0x8 => return (u16::from_be_bytes([payload[0], payload[1]]), texts),
+                _ => {}
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, tcp.read(&mut chunk)).await.expect("close frame in time").unwrap();
+        assert!(n > 0, "connection ended without a close frame");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A masked client frame.
+fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut out = vec![first];
+    if payload.len() < 126 {
+        out.push(0x80 | payload.len() as u8);
+    } else {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+#[tokio::test]
+async fn client_pings_are_answered_and_a_client_close_is_echoed() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::Message;
+    let s = TestServer::start(test_config()).await;
+    let (mut c, _) = s.ws_ready("manners").await;
+    c.stream.send(Message::Ping(b"are you there".to_vec().into())).await.unwrap();
+    let pong = tokio::time::timeout(WAIT, async {
+        loop {
+            match c.stream.next().await {
+                Some(Ok(Message::Pong(p))) => return p,
+                Some(Ok(_)) => {}
+                other => panic!("socket ended before the pong: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("pong in time");
+    assert_eq!(&pong[..], b"are you there");
+    // Still live after the ping.
+    let (m, _) = s.send("manners", "ana", "after the ping").await;
+    assert_eq!(c.messages(1).await[0].1, m);
+    // A client close with 1000 is answered with 1000, then the socket goes.
+    let close = CloseFrame { code: CloseCode::Normal, reason: "done".into() };
+    c.stream.send(Message::Close(Some(close))).await.unwrap();
+    assert_eq!(c.until_end().await, Ended::Closed(Some(1000)));
+    wait_for_metric(&s, "chat_sockets_open", 0.0).await;
+}
+
+#[tokio::test]
+async fn protocol_violations_close_that_socket_only() {
+    use tokio::io::AsyncWriteExt;
+    let s = TestServer::start(test_config()).await;
+    let (mut bystander, _) = s.ws_ready("rude").await;
+
+    // An unmasked client frame: 1002.
+    let mut unmasked = raw_socket(&s, "rude").await;
+    unmasked.write_all(b"\x81\x02hi").await.unwrap();
+    assert_eq!(raw_until_close(&mut unmasked).await.0, 1002);
+
+    // A text frame over the 4 KiB a client may send: 1009.
+    let mut big = raw_socket(&s, "rude").await;
+    big.write_all(&client_frame(0x81, &[b'a'; 5000])).await.unwrap();
+    assert_eq!(raw_until_close(&mut big).await.0, 1009);
+
+    // Garbage that is not WebSocket at all (reserved bits, unknown opcode): 1002.
+    let mut junk = raw_socket(&s, "rude").await;
+    junk.write_all(&[0xFF; 16]).await.unwrap();
+    assert_eq!(raw_until_close(&mut junk).await.0, 1002);
+
+    // The well-behaved socket in the same room never noticed.
+    let (m, _) = s.send("rude", "ana", "still fine").await;
+    assert_eq!(bystander.messages(1).await[0].1, m);
+    wait_for_metric(&s, "chat_sockets_open", 1.0).await;
+}
+
+#[tokio::test]
+async fn frames_sent_with_the_handshake_are_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A client that sends its close frame in the same packet as the
+    // handshake: those bytes reach the session, which answers the close.
+    let s = TestServer::start(test_config()).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut request = format!(
+        "GET /ws?room=eager HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        s.addr
+    )
+    .into_bytes();
+    request.extend(client_frame(0x88, &[0x0B, 0xB8])); // close 3000
+    tcp.write_all(&request).await.unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut all)).await.expect("server closes").unwrap();
+    let at = all.windows(4).position(|w| w == b"\r\n\r\n").expect("response head") + 4;
+    let mut rest = tokio_test_stream(all[at..].to_vec());
+    assert_eq!(raw_until_close(&mut rest).await.0, 3000);
+}
+
+/// A loopback stream that yields `bytes` and then ends.
+fn tokio_test_stream(bytes: Vec<u8>) -> tokio::net::TcpStream {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = std::net::TcpStream::connect(addr).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    std::io::Write::write_all(&mut server, &bytes).unwrap();
+    drop(server);
+    client.set_nonblocking(true).unwrap();
+    tokio::net::TcpStream::from_std(client).unwrap()
 }
