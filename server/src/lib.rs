@@ -12,13 +12,23 @@
 //!    (`backend/kinesis/`), `producer.rs` batches POSTs into `PutRecords`
 //!    and `reader.rs` reads every shard on every instance into step 3.
 //! 3. Whatever the stream holds is fed, in stream order, into the hub
-//!    [`rooms::Rooms`] (`rooms.rs`): deduplicated by id, serialized once into
-//!    a `message` frame, kept in the room's bounded window, and broadcast.
-//! 4. Each browser's WebSocket is a session in `ws.rs`: the room's history
+//!    [`rooms::Rooms`] (`rooms.rs`): deduplicated by id, encoded once into
+//!    a whole WebSocket `message` frame (`wsframe.rs`: server frames are
+//!    unmasked, so the bytes are the same for every socket), and kept in
+//!    the room's bounded window.
+//! 4. The fan-out (`fanout.rs`) writes that frame to every socket of the
+//!    room: one worker per core owns a share of the sockets and
+//!    `try_write`s the bytes straight into each; only a socket whose kernel
+//!    buffer is full gets them queued for its session. A socket that falls
+//!    too far behind is closed with 4008.
+//! 5. Each browser's WebSocket is a session in `ws.rs`: the room's history
 //!    (or exactly what followed its `since` cursor, see `cursor.rs`), then a
-//!    `ready` frame, then live frames written in batches. A socket that
-//!    cannot keep up is closed with 4008; on shutdown all get 1001.
-//!
+//!    `ready` frame, then it hands the socket to the fan-out and wakes only
+//!    to finish blocked writes, answer the client's control frames and
+//!    ping. On shutdown all get 1001. `serve.rs` accepts the connections
+//!    (hyper HTTP/1.1, `TCP_NODELAY`) and turns `/ws` requests into raw
+//!    sockets for the session.
+
 //! Around that: `config.rs` (flags and env vars), `error.rs` (every error a
 //! client can see), `ratelimit.rs` (429s), `metrics.rs` (`/metrics`),
 //! `plain.rs` (the fallback client at `/plain/`), `ssr.rs` (the Leptos
@@ -31,10 +41,10 @@ pub mod backend;
 pub mod config;
 pub mod cursor;
 pub mod error;
+pub mod fanout;
 pub mod metrics;
 pub mod plain;
 pub mod ratelimit;
-pub mod fanout;
 pub mod rooms;
 pub mod serve;
 pub mod ssr;
