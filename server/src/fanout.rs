@@ -256,6 +256,18 @@ impl Outlet {
         Ok(())
     }
 
+    /// Gives back the queue's memory once it is empty (after the backlog:
+    /// an idle socket should not keep room for a hundred frames).
+    pub fn shrink(&self) {
+        let mut st = self.state.lock();
+        if st.queue.is_empty() {
+            st.queue = VecDeque::new();
+        }
+        if let Some(held) = &mut st.held {
+            held.shrink_to_fit();
+        }
+    }
+
     /// Whether frames are waiting to be written.
     pub fn has_queued(&self) -> bool {
         !self.state.lock().queue.is_empty()

@@ -169,7 +169,7 @@ pub async fn run_session(stream: TcpStream, early: Bytes, state: AppState, room:
         events: Vec::new(),
         last_heard: Instant::now(),
     };
-    let result = serve(&mut s, &room, since, &early).await;
+    let result = serve(&mut s, &room, since, early).await;
     state.rooms.unsubscribe(&room, &outlet);
     match result {
         Ok(()) | Err(Stop::Gone) => {}
@@ -183,11 +183,14 @@ pub async fn run_session(stream: TcpStream, early: Bytes, state: AppState, room:
     state.metrics.sockets_open.dec();
 }
 
-async fn serve(s: &mut Session, room: &str, since: Option<String>, early: &[u8]) -> Result<(), Stop> {
+async fn serve(s: &mut Session, room: &str, since: Option<String>, early: Bytes) -> Result<(), Stop> {
     let since_pos = since.as_deref().map(Position::decode);
     let state = s.state.clone();
     let sub = state.rooms.subscribe(room, since_pos.as_ref().and_then(Option::as_ref), DEFAULT_HISTORY, s.outlet.clone());
-    s.decode(early)?;
+    s.decode(&early)?;
+    // `early` may be a view into hyper's whole read buffer (kilobytes);
+    // an idle socket must not keep it for its lifetime.
+    drop(early);
     // Ids sent while splicing a catch-up read; a live frame already sent
     // that way is skipped.
     let mut spliced: HashSet<String> = HashSet::new();
@@ -228,6 +231,7 @@ async fn serve(s: &mut Session, room: &str, since: Option<String>, early: &[u8])
         }
         (None, _) => s.send_entries(&sub.backlog).await?,
     }
+    drop(sub.backlog); // its list is not needed for the socket's life
     let ready = ServerFrame::Ready { cursor: s.last_cursor.clone() };
     s.send_frame(&ready).await?;
 
@@ -241,6 +245,7 @@ async fn serve(s: &mut Session, room: &str, since: Option<String>, early: &[u8])
         s.outlet.release(false, |_| true);
     }
     s.flush().await?;
+    s.outlet.shrink();
 
     let ping_every = state.ws.ping_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
