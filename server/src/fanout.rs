@@ -32,6 +32,8 @@ use tokio::sync::{mpsc, Notify};
 const MAX_IOV: usize = 64;
 /// Writes a worker makes before it yields its thread to other tasks.
 const WRITES_PER_YIELD: usize = 512;
+/// A pass over the sockets this long means the worker is under load.
+const BUSY_PASS: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// One frame waiting in an outlet's queue.
 #[derive(Clone)]
@@ -375,11 +377,27 @@ async fn run_worker(
     let mut rooms: HashMap<Arc<str>, Members> = HashMap::new();
     let mut commands: Vec<Command> = Vec::with_capacity(MAX_IOV);
     let mut batch: Vec<Arc<Entry>> = Vec::with_capacity(MAX_IOV);
+    // Whether the last pass was long (many sockets or many frames): then
+    // more messages are probably on their way.
+    let mut busy = false;
     loop {
         commands.clear();
         if rx.recv_many(&mut commands, MAX_IOV).await == 0 {
             return;
         }
+        if busy {
+            // Let the tasks that bring the next messages (POSTs, the
+            // backend) run first, so what they publish joins this pass:
+            // under load each socket then gets fewer, larger writes.
+            tokio::task::yield_now().await;
+            while commands.len() < MAX_IOV {
+                match rx.try_recv() {
+                    Ok(c) => commands.push(c),
+                    Err(_) => break,
+                }
+            }
+        }
+        let pass = std::time::Instant::now();
         let behind = depth.fetch_sub(commands.len(), Ordering::Relaxed) - commands.len();
         if behind > limit {
             // Out of CPU: every socket here is more than `limit` behind.
@@ -429,5 +447,6 @@ async fn run_worker(
             }
             i += 1;
         }
+        busy = pass.elapsed() >= BUSY_PASS;
     }
 }
