@@ -221,7 +221,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 
 fn fmt(v: f64, decimals: usize) -> String {
     let s = format!("{v:.decimals$}");
-    if decimals == 0 && v.abs() >= 10_000.0 {
+    if decimals == 0 && v.abs() >= 1_000.0 {
         // Thousands separators: 123,456.
         let mut out = String::new();
         for (i, c) in s.chars().rev().enumerate() {
