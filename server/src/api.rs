@@ -63,7 +63,20 @@ async fn accept_post(state: &AppState, ip: IpAddr, request: Request) -> Result<R
     if !is_json(request.headers()) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let body = read_body(request.into_body()).await?;
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        // Refused before a byte of it is read.
+        return Err(ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES });
+    }
+    let body = match tokio::time::timeout(BODY_TIMEOUT, read_body(request.into_body())).await {
+        Ok(body) => body?,
+        Err(_) => {
+            return Err(ApiError::bad_request(
+                format!("The request body did not arrive within {} s.", BODY_TIMEOUT.as_secs()),
+                None,
+            ))
+        }
+    };
     let post = parse_post(&body)?;
     let valid = validate::validate_post(&post).map_err(|e| ApiError::bad_request(e.message, Some(e.field)))?;
 
@@ -106,6 +119,10 @@ fn is_json(headers: &HeaderMap) -> bool {
         .and_then(|v| v.split(';').next())
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
+
+/// How long a client may take to send a POST body (at most 16 KiB): a
+/// body that never ends must not hold a connection forever.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn read_body(body: Body) -> Result<bytes::Bytes, ApiError> {
     match Limited::new(body, MAX_BODY_BYTES).collect().await {

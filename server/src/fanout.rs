@@ -19,6 +19,7 @@
 
 use crate::metrics::Metrics;
 use crate::rooms::Entry;
+use crate::wsframe;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
@@ -267,6 +268,19 @@ impl Outlet {
         }
         if let Some(held) = &mut st.held {
             held.shrink_to_fit();
+        }
+    }
+
+    /// Queues a pong, replacing one still waiting unbegun: only the newest
+    /// ping needs an answer, so pongs never pile up. Call
+    /// [`Outlet::flush`] afterwards.
+    pub fn push_pong(&self, pong: Bytes) {
+        let mut st = self.state.lock();
+        let begun = usize::from(st.offset > 0);
+        let waiting = st.queue.iter().skip(begun).position(|f| matches!(f, Frame::Bytes(b) if wsframe::is_pong(b)));
+        match waiting {
+            Some(i) => st.queue[begun + i] = Frame::Bytes(pong),
+            None => st.queue.push_back(Frame::Bytes(pong)),
         }
     }
 

@@ -43,6 +43,8 @@ const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
 pub const MAX_INCOMING_MESSAGE: usize = 4096;
 /// Bytes read from a client at a time (it only sends control frames).
 const READ_CHUNK: usize = 256;
+/// Reads of [`READ_CHUNK`] per wake-up before the session yields.
+const READS_PER_TURN: usize = 16;
 
 /// Why a session ended early.
 enum Stop {
@@ -92,9 +94,12 @@ impl Session {
     }
 
     /// Reads what the client sent, answering pings. Errors end the session.
+    /// Reads at most [`READS_PER_TURN`] chunks, then lets the pongs be
+    /// written and other tasks run: a client flooding pings gets TCP
+    /// backpressure, not this thread.
     fn read_incoming(&mut self) -> Result<(), Stop> {
         let mut buf = [0u8; READ_CHUNK];
-        loop {
+        for _ in 0..READS_PER_TURN {
             match self.outlet.stream.try_read(&mut buf) {
                 Ok(0) => return Err(Stop::Gone),
                 Ok(n) => self.decode(&buf[..n])?,
@@ -102,6 +107,7 @@ impl Session {
                 Err(_) => return Err(Stop::Gone),
             }
         }
+        Ok(())
     }
 
     /// Decodes client bytes and acts on each frame.
@@ -110,13 +116,20 @@ impl Session {
             tracing::debug!(violation = ?v, "closing a socket that broke the WebSocket protocol");
             return Err(Stop::Close(v.close_code(), "protocol error"));
         }
+        // Only the newest ping not yet answered gets a pong (RFC 6455
+        // §5.5.3 allows it): a client flooding pings without reading the
+        // pongs queues one pong, not one per ping.
+        let mut pong = None;
         for event in self.events.drain(..) {
             self.last_heard = Instant::now();
             match event {
-                Event::Ping(payload) => self.outlet.push([Frame::Bytes(wsframe::pong(&payload))]),
+                Event::Ping(payload) => pong = Some(payload),
                 Event::Pong | Event::Data => {}
                 Event::Close(code) => return Err(Stop::Close(echo_code(code), "")),
             }
+        }
+        if let Some(payload) = pong {
+            self.outlet.push_pong(wsframe::pong(&payload));
         }
         Ok(())
     }

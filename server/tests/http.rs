@@ -222,3 +222,47 @@ async fn health_metrics_and_plain_client_are_served() {
     assert_eq!(resp.status().as_u16(), 308);
     assert_eq!(resp.headers()["location"], "/plain/?room=x");
 }
+
+/// Reads an HTTP response head from a raw connection (status line first).
+async fn raw_status(tcp: &mut tokio::net::TcpStream, within: std::time::Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(within, tcp.read(&mut chunk)).await.expect("an answer in time").unwrap();
+        assert!(n > 0, "the connection closed without an answer");
+        head.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string()
+}
+
+/// A declared body over 16 KiB is refused before it is read, and a body
+/// that never finishes does not hold the connection beyond the body
+/// timeout. Neither posts anything.
+#[tokio::test]
+async fn oversized_and_stalled_bodies_are_answered_without_waiting_for_them() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    let s = TestServer::start(test_config()).await;
+    let head = |len: u64| {
+        format!(
+            "POST /api/messages HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n{{",
+            s.addr
+        )
+    };
+
+    let mut big = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    big.write_all(head(99_999_999_999).as_bytes()).await.unwrap();
+    let status = raw_status(&mut big, Duration::from_secs(2)).await;
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+
+    let mut stalled = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    stalled.write_all(head(100).as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let status = raw_status(&mut stalled, server::api::BODY_TIMEOUT + Duration::from_secs(5)).await;
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    assert!(started.elapsed() >= server::api::BODY_TIMEOUT - Duration::from_millis(500), "{:?}", started.elapsed());
+
+    let (_, page) = s.get_json("/api/messages?room=lobby").await;
+    assert_eq!(page["messages"], json!([]), "nothing was posted");
+}

@@ -288,3 +288,49 @@ fn tokio_test_stream(bytes: Vec<u8>) -> tokio::net::TcpStream {
     client.set_nonblocking(true).unwrap();
     tokio::net::TcpStream::from_std(client).unwrap()
 }
+
+/// A client flooding pings without reading the pongs gets TCP backpressure
+/// and one pong per batch read, not one per ping: the server's memory and
+/// the other sockets are not its to take.
+#[tokio::test]
+async fn a_ping_flood_is_answered_sparingly_and_disturbs_no_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start(test_config()).await;
+    let (mut victim, _) = s.ws_ready("calm").await;
+    let mut flood = raw_socket(&s, "flood").await;
+    let pings = 20_000;
+    let ping = client_frame(0x89, &[7u8; 125]);
+    let burst: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * pings).collect();
+    let (mut rd, mut wr) = flood.split();
+    // Write the whole flood without reading a byte, while the room next
+    // door gets a message.
+    let writer = async { wr.write_all(&burst).await.unwrap() };
+    let other = async {
+        let (sent, _) = s.send("calm", "v", "still here").await;
+        let got = victim.messages(1).await;
+        assert_eq!(got[0].1, sent);
+    };
+    tokio::time::timeout(WAIT, async { tokio::join!(writer, other) }).await.expect("flood written, victim served");
+    // Now read what came back: pongs (and the backlog/ready texts).
+    let mut pongs = 0;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(800), rd.read(&mut chunk)).await {
+        assert!(n > 0, "the flooding socket stays open");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let mut at = 0;
+    while at + 2 <= buf.len() {
+        let (len, head) = match buf[at + 1] & 0x7F {
+            126 => (usize::from(u16::from_be_bytes([buf[at + 2], buf[at + 3]])), 4),
+            n => (usize::from(n), 2),
+        };
+        if buf[at] == 0x8A {
+            assert_eq!(&buf[at + head..at + head + len], &[7u8; 125][..], "a pong echoes the ping's payload");
+            pongs += 1;
+        }
+        at += head + len;
+    }
+    assert!(pongs >= 1, "the newest ping is answered");
+    assert!(pongs < pings / 10, "{pongs} pongs for {pings} pings");
+}
