@@ -112,6 +112,7 @@ impl AppState {
             max_rooms: config.max_rooms as usize,
             max_messages: config.max_messages as usize,
             dedup_ids: config.max_messages as usize,
+            max_bytes: rooms::DEFAULT_MAX_BYTES,
         };
         let rooms = Arc::new(Rooms::new(rooms_config, metrics.clone()));
         let backend: Arc<dyn Backend> = match config.backend {

@@ -36,6 +36,14 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Bytes this entry holds, roughly (for the hub's size bound).
+    pub fn size(&self) -> usize {
+        const OVERHEAD: usize = 256; // the structs, the Arc, map and queue slots
+        let m = &self.message;
+        OVERHEAD + self.wire.len() + self.cursor.len() + m.id.len() * 3 + m.room.len() + m.author.len()
+            + m.text.len() + m.sent_at.len()
+    }
+
     pub fn new(pos: Position, message: ChatMessage) -> Self {
         let cursor = pos.encode();
         let frame = ServerFrame::Message { cursor: cursor.clone(), message: message.clone() };
@@ -68,11 +76,25 @@ pub struct RoomsConfig {
     pub max_messages: usize,
     /// Message ids remembered for deduplication and idempotent POSTs.
     pub dedup_ids: usize,
+    /// Bytes of messages kept across all rooms (text, frame, ids): the same
+    /// bound as `max_messages`, by size, so large messages cannot run the
+    /// hub up to gigabytes before the count bound is reached.
+    pub max_bytes: usize,
 }
+
+/// Default for [`RoomsConfig::max_bytes`].
+pub const DEFAULT_MAX_BYTES: usize = 128 << 20;
 
 impl Default for RoomsConfig {
     fn default() -> Self {
-        Self { window: 1000, socket_queue: 1024, max_rooms: 10_000, max_messages: 100_000, dedup_ids: 100_000 }
+        Self {
+            window: 1000,
+            socket_queue: 1024,
+            max_rooms: 10_000,
+            max_messages: 100_000,
+            dedup_ids: 100_000,
+            max_bytes: DEFAULT_MAX_BYTES,
+        }
     }
 }
 
@@ -119,6 +141,8 @@ struct Room {
 struct Seen {
     by_id: HashMap<String, Arc<Entry>>,
     order: VecDeque<String>,
+    /// Sum of [`Entry::size`] over `by_id`.
+    bytes: usize,
 }
 
 /// The rooms, and every retained message in publish order (for the
@@ -127,6 +151,8 @@ struct Seen {
 struct Hub {
     rooms: HashMap<String, Room>,
     order: VecDeque<Arc<Entry>>,
+    /// Sum of [`Entry::size`] over `order`.
+    bytes: usize,
 }
 
 pub struct Rooms {
@@ -162,11 +188,13 @@ impl Rooms {
                 return Published::Duplicate(existing.clone());
             }
             let entry = Arc::new(Entry::new(pos, message));
+            seen.bytes += entry.size();
             seen.by_id.insert(entry.message.id.clone(), entry.clone());
             seen.order.push_back(entry.message.id.clone());
-            while seen.order.len() > self.config.dedup_ids {
-                if let Some(old) = seen.order.pop_front() {
-                    seen.by_id.remove(&old);
+            while seen.order.len() > self.config.dedup_ids || seen.bytes > self.config.max_bytes {
+                let Some(old) = seen.order.pop_front() else { break };
+                if let Some(e) = seen.by_id.remove(&old) {
+                    seen.bytes -= e.size();
                 }
             }
             entry
@@ -183,9 +211,11 @@ impl Rooms {
         if room.sockets > 0 {
             self.fanout.publish(&entry);
         }
+        hub.bytes += entry.size();
         hub.order.push_back(entry.clone());
-        while hub.order.len() > self.config.max_messages {
+        while hub.order.len() > self.config.max_messages || hub.bytes > self.config.max_bytes {
             let Some(oldest) = hub.order.pop_front() else { break };
+            hub.bytes -= oldest.size();
             // Still at the front of its room unless the room's own bound
             // (or forgetting the room) dropped it already.
             if let Some(r) = hub.rooms.get_mut(&oldest.message.room) {
@@ -314,9 +344,30 @@ mod tests {
         Position::Memory { epoch: 1, seq }
     }
 
+    #[test]
+    fn large_messages_are_bounded_by_bytes_not_only_by_count() {
+        let config = RoomsConfig { max_bytes: 256 << 10, ..RoomsConfig::default() };
+        let r = Rooms::new(config, Arc::new(Metrics::new()));
+        let big = "x".repeat(16 << 10);
+        for i in 0..200u64 {
+            let mut m = msg(&format!("m{i}"), "lobby");
+            m.text.clone_from(&big);
+            assert!(matches!(r.publish(pos(i), m), Published::New(_)));
+        }
+        // Each entry holds its text twice (message and frame): ~32 KiB.
+        let kept = r.history("lobby", None, 1000);
+        assert!(kept.len() >= 4 && kept.len() <= 8, "{} kept", kept.len());
+        assert_eq!(kept.last().unwrap().message.id, "m199", "the newest stay");
+        assert!(r.evicted("lobby"));
+        assert!(r.hub.lock().bytes <= 256 << 10);
+        assert!(r.seen.lock().bytes <= 256 << 10);
+        assert!(r.lookup_id("m0").is_none(), "the oldest are forgotten entirely");
+        assert!(r.lookup_id("m199").is_some());
+    }
+
     fn rooms(window: usize) -> Rooms {
         Rooms::new(
-            RoomsConfig { window, socket_queue: 8, max_rooms: 3, max_messages: 12, dedup_ids: 100 },
+            RoomsConfig { window, socket_queue: 8, max_rooms: 3, max_messages: 12, dedup_ids: 100, max_bytes: DEFAULT_MAX_BYTES },
             Arc::new(Metrics::new()),
         )
     }
