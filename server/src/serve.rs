@@ -103,6 +103,9 @@ impl Handshake {
         let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
             return Err(bad("Sec-WebSocket-Key header missing"));
         };
+        if !is_websocket_key(key.as_bytes()) {
+            return Err(bad("Sec-WebSocket-Key must be 16 bytes in base64"));
+        }
         let accept = wsframe::accept_key(key.as_bytes());
         let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
             return Err(bad("this connection cannot be upgraded"));
@@ -152,4 +155,12 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// RFC 6455 §4.2.1: the key is 16 random bytes in base64, so 24
+/// characters ending in `==`.
+fn is_websocket_key(key: &[u8]) -> bool {
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22].iter().all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
 }

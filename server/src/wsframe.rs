@@ -158,6 +158,9 @@ impl Decoder {
                     input = &input[take..];
                     if self.head_len == header_len(&self.head[..self.head_len]) {
                         self.begin_frame(events)?;
+                        if closed(events) {
+                            return Ok(()); // nothing after a close frame counts
+                        }
                     }
                 }
                 Part::Control { opcode, mask, len } => {
@@ -172,6 +175,9 @@ impl Decoder {
                         let payload = std::mem::take(&mut self.control);
                         events.push(control_event(opcode, payload)?);
                         self.part = Part::Header;
+                        if closed(events) {
+                            return Ok(()); // nothing after a close frame counts
+                        }
                     }
                 }
                 Part::Skip(left) => {
@@ -204,6 +210,9 @@ impl Decoder {
             127 => (u64::from_be_bytes(h[2..10].try_into().expect("8 bytes")), 8),
             n => (u64::from(n), 0),
         };
+        if len >> 63 != 0 {
+            return Err(Violation::Protocol("a 64-bit length with its top bit set"));
+        }
         let mask: [u8; 4] = h[2 + ext..6 + ext].try_into().expect("4 bytes");
         match opcode {
             OP_CLOSE | OP_PING | OP_PONG => {
@@ -252,6 +261,10 @@ fn header_len(head: &[u8]) -> usize {
     2 + ext + mask
 }
 
+fn closed(events: &[Event]) -> bool {
+    matches!(events.last(), Some(Event::Close(_)))
+}
+
 fn control_event(opcode: u8, payload: Vec<u8>) -> Result<Event, Violation> {
     Ok(match opcode {
         OP_PING => Event::Ping(payload),
@@ -263,7 +276,12 @@ fn control_event(opcode: u8, payload: Vec<u8>) -> Result<Event, Violation> {
                 if std::str::from_utf8(&payload[2..]).is_err() {
                     return Err(Violation::Protocol("a close reason that is not UTF-8"));
                 }
-                Event::Close(Some(u16::from_be_bytes([payload[0], payload[1]])))
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                // RFC 6455 §7.4: the codes a peer may send.
+                if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+                    return Err(Violation::Protocol("a close code a peer may not send"));
+                }
+                Event::Close(Some(code))
             }
         },
     })

@@ -249,6 +249,28 @@ async fn protocol_violations_close_that_socket_only() {
     junk.write_all(&[0xFF; 16]).await.unwrap();
     assert_eq!(raw_until_close(&mut junk).await.0, 1002);
 
+    // A 64-bit length with its top bit set: 1002 (RFC 6455 §5.2).
+    let mut huge = raw_socket(&s, "rude").await;
+    let mut frame = vec![0x81, 0x80 | 127];
+    frame.extend_from_slice(&(1u64 << 63).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    huge.write_all(&frame).await.unwrap();
+    assert_eq!(raw_until_close(&mut huge).await.0, 1002);
+
+    // A close code no peer may send (1005, 999, 5000): 1002.
+    for code in [1005u16, 999, 5000] {
+        let mut bad_code = raw_socket(&s, "rude").await;
+        bad_code.write_all(&client_frame(0x88, &code.to_be_bytes())).await.unwrap();
+        assert_eq!(raw_until_close(&mut bad_code).await.0, 1002, "close code {code}");
+    }
+
+    // Bytes after a valid close are ignored: the close is echoed.
+    let mut trailing = raw_socket(&s, "rude").await;
+    let mut bytes = client_frame(0x88, &1000u16.to_be_bytes());
+    bytes.extend_from_slice(&[0xFF; 8]);
+    trailing.write_all(&bytes).await.unwrap();
+    assert_eq!(raw_until_close(&mut trailing).await.0, 1000);
+
     // The well-behaved socket in the same room never noticed.
     let (m, _) = s.send("rude", "ana", "still fine").await;
     assert_eq!(bystander.messages(1).await[0].1, m);
@@ -333,4 +355,23 @@ async fn a_ping_flood_is_answered_sparingly_and_disturbs_no_one() {
     }
     assert!(pongs >= 1, "the newest ping is answered");
     assert!(pongs < pings / 10, "{pongs} pongs for {pings} pings");
+}
+
+/// An upgrade whose Sec-WebSocket-Key is not 16 bytes of base64 is a 400.
+#[tokio::test]
+async fn a_malformed_websocket_key_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start(test_config()).await;
+    for key in ["", "abc", "not base64 at all!!!!!==", "dGhlIHNhbXBsZSBub25jZQ"] {
+        let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let request = format!(
+            "GET /ws?room=k HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n",
+            s.addr
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 12];
+        tokio::time::timeout(WAIT, tcp.read_exact(&mut head)).await.unwrap().unwrap();
+        assert_eq!(&head, b"HTTP/1.1 400", "key {key:?}");
+    }
 }
