@@ -260,7 +260,7 @@ async fn session(
             }
             shared.deliveries.fetch_add(1, Ordering::Relaxed);
             count += 1;
-            if count % target.sample_every == 0 && shared.recording.load(Ordering::Relaxed) {
+            if count.is_multiple_of(target.sample_every) && shared.recording.load(Ordering::Relaxed) {
                 if let Some(sent) = sent_at_us(bytes) {
                     if sent >= shared.record_since_us.load(Ordering::Relaxed) {
                         local.push(now_us().saturating_sub(sent).max(1));
@@ -341,6 +341,16 @@ impl Conn {
     /// it first when a partial frame fills it).
     async fn read_from(&mut self, tcp: &mut tokio::net::TcpStream) -> std::io::Result<usize> {
         use tokio::io::AsyncReadExt;
+        self.make_room()?;
+        let n = tcp.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Makes the free end of the buffer non-empty: resets it when all is
+    /// parsed, moves a partial frame to the front when little room is
+    /// left, grows it when one frame fills it.
+    fn make_room(&mut self) -> std::io::Result<()> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -358,9 +368,7 @@ impl Conn {
             }
             self.buf.resize(grown, 0);
         }
-        let n = tcp.read(&mut self.buf[self.end..]).await?;
-        self.end += n;
-        Ok(n)
+        Ok(())
     }
 
     /// The next whole frame in the buffer, if any.
@@ -535,22 +543,14 @@ mod tests {
     fn parse(wire: &[u8], chunk: usize) -> anyhow::Result<Vec<String>> {
         let mut conn = Conn::new(256);
         let mut out = Vec::new();
-        for piece in wire.chunks(chunk) {
-            // What read_from does, minus the socket.
-            if conn.start == conn.end {
-                conn.start = 0;
-                conn.end = 0;
-            }
-            if conn.end + piece.len() > conn.buf.len() {
-                conn.buf.copy_within(conn.start..conn.end, 0);
-                conn.end -= conn.start;
-                conn.start = 0;
-                if conn.end + piece.len() > conn.buf.len() {
-                    conn.buf.resize(conn.end + piece.len(), 0);
-                }
-            }
-            conn.buf[conn.end..conn.end + piece.len()].copy_from_slice(piece);
-            conn.end += piece.len();
+        let mut rest = wire;
+        while !rest.is_empty() {
+            // What read_from does, with `rest` as the socket.
+            conn.make_room()?;
+            let n = chunk.min(rest.len()).min(conn.buf.len() - conn.end);
+            conn.buf[conn.end..conn.end + n].copy_from_slice(&rest[..n]);
+            conn.end += n;
+            rest = &rest[n..];
             while let Some(f) = conn.next_frame()? {
                 out.push(match f {
                     WsFrame::Text(r) => format!("text {}", String::from_utf8_lossy(&conn.buf[r])),

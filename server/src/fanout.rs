@@ -19,7 +19,6 @@
 
 use crate::metrics::Metrics;
 use crate::rooms::Entry;
-use crate::wsframe;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
@@ -41,6 +40,8 @@ const BUSY_PASS: std::time::Duration = std::time::Duration::from_micros(200);
 pub enum Frame {
     /// A chat message, encoded once for every socket.
     Entry(Arc<Entry>),
+    /// A pong: at most one waits at a time (see [`Outlet::push_pong`]).
+    Pong(Bytes),
     /// Anything else (ready, reset, ping, heartbeat, close).
     Bytes(Bytes),
 }
@@ -49,7 +50,7 @@ impl Frame {
     fn wire(&self) -> &[u8] {
         match self {
             Frame::Entry(e) => &e.wire,
-            Frame::Bytes(b) => b,
+            Frame::Pong(b) | Frame::Bytes(b) => b,
         }
     }
 }
@@ -277,10 +278,10 @@ impl Outlet {
     pub fn push_pong(&self, pong: Bytes) {
         let mut st = self.state.lock();
         let begun = usize::from(st.offset > 0);
-        let waiting = st.queue.iter().skip(begun).position(|f| matches!(f, Frame::Bytes(b) if wsframe::is_pong(b)));
+        let waiting = st.queue.iter().skip(begun).position(|f| matches!(f, Frame::Pong(_)));
         match waiting {
-            Some(i) => st.queue[begun + i] = Frame::Bytes(pong),
-            None => st.queue.push_back(Frame::Bytes(pong)),
+            Some(i) => st.queue[begun + i] = Frame::Pong(pong),
+            None => st.queue.push_back(Frame::Pong(pong)),
         }
     }
 

@@ -28,7 +28,7 @@
 //!    ping. On shutdown all get 1001. `serve.rs` accepts the connections
 //!    (hyper HTTP/1.1, `TCP_NODELAY`) and turns `/ws` requests into raw
 //!    sockets for the session.
-
+//!
 //! Around that: `config.rs` (flags and env vars), `error.rs` (every error a
 //! client can see), `ratelimit.rs` (429s), `metrics.rs` (`/metrics`),
 //! `plain.rs` (the fallback client at `/plain/`), `ssr.rs` (the Leptos

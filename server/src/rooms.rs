@@ -33,24 +33,22 @@ pub struct Entry {
     pub wire: Bytes,
     /// Where the JSON starts in `wire`.
     json_at: usize,
+    /// Bytes this entry holds, roughly (for the hub's size bound).
+    pub size: usize,
 }
 
 impl Entry {
-    /// Bytes this entry holds, roughly (for the hub's size bound).
-    pub fn size(&self) -> usize {
-        const OVERHEAD: usize = 256; // the structs, the Arc, map and queue slots
-        let m = &self.message;
-        OVERHEAD + self.wire.len() + self.cursor.len() + m.id.len() * 3 + m.room.len() + m.author.len()
-            + m.text.len() + m.sent_at.len()
-    }
-
     pub fn new(pos: Position, message: ChatMessage) -> Self {
         let cursor = pos.encode();
         let frame = ServerFrame::Message { cursor: cursor.clone(), message: message.clone() };
         // Serializing plain strings into JSON cannot fail.
         let json = serde_json::to_string(&frame).expect("serialize message frame");
         let wire = wsframe::text(&json);
-        Entry { pos, cursor, message, json_at: wire.len() - json.len(), wire }
+        const OVERHEAD: usize = 256; // the structs, the Arc, map and queue slots
+        let m = &message;
+        let size = OVERHEAD + wire.len() + cursor.len() + m.id.len() * 3 + m.room.len() + m.author.len()
+            + m.text.len() + m.sent_at.len();
+        Entry { pos, cursor, message, json_at: wire.len() - json.len(), wire, size }
     }
 
     /// The frame's JSON text.
@@ -188,13 +186,13 @@ impl Rooms {
                 return Published::Duplicate(existing.clone());
             }
             let entry = Arc::new(Entry::new(pos, message));
-            seen.bytes += entry.size();
+            seen.bytes += entry.size;
             seen.by_id.insert(entry.message.id.clone(), entry.clone());
             seen.order.push_back(entry.message.id.clone());
             while seen.order.len() > self.config.dedup_ids || seen.bytes > self.config.max_bytes {
                 let Some(old) = seen.order.pop_front() else { break };
                 if let Some(e) = seen.by_id.remove(&old) {
-                    seen.bytes -= e.size();
+                    seen.bytes -= e.size;
                 }
             }
             entry
@@ -211,11 +209,11 @@ impl Rooms {
         if room.sockets > 0 {
             self.fanout.publish(&entry);
         }
-        hub.bytes += entry.size();
+        hub.bytes += entry.size;
         hub.order.push_back(entry.clone());
         while hub.order.len() > self.config.max_messages || hub.bytes > self.config.max_bytes {
             let Some(oldest) = hub.order.pop_front() else { break };
-            hub.bytes -= oldest.size();
+            hub.bytes -= oldest.size;
             // Still at the front of its room unless the room's own bound
             // (or forgetting the room) dropped it already.
             if let Some(r) = hub.rooms.get_mut(&oldest.message.room) {

@@ -114,8 +114,7 @@ impl Session {
     fn decode(&mut self, bytes: &[u8]) -> Result<(), Stop> {
         if let Err(v) = self.decoder.feed(bytes, &mut self.events) {
             tracing::debug!(violation = ?v, "closing a socket that broke the WebSocket protocol");
-            let reason = if v.close_code() == wsframe::CLOSE_TOO_BIG { "message too big" } else { "protocol error" };
-            return Err(Stop::Close(v.close_code(), reason));
+            return Err(Stop::Close(v.close_code(), v.close_reason()));
         }
         // Only the newest ping not yet answered gets a pong (RFC 6455
         // §5.5.3 allows it): a client flooding pings without reading the

@@ -69,11 +69,6 @@ pub fn pong(payload: &[u8]) -> Bytes {
     encode(OP_PONG, payload)
 }
 
-/// Whether a server frame made here is a pong.
-pub fn is_pong(frame: &[u8]) -> bool {
-    frame.first() == Some(&(0x80 | OP_PONG))
-}
-
 /// A close frame with a code and a short reason (at most 123 bytes).
 pub fn close(code: u16, reason: &str) -> Bytes {
     let reason = &reason.as_bytes()[..reason.len().min(MAX_CONTROL_PAYLOAD - 2)];
@@ -109,6 +104,14 @@ impl Violation {
         match self {
             Violation::Protocol(_) => CLOSE_PROTOCOL_ERROR,
             Violation::TooBig => CLOSE_TOO_BIG,
+        }
+    }
+
+    /// The reason sent with the close frame.
+    pub fn close_reason(&self) -> &'static str {
+        match self {
+            Violation::Protocol(_) => "protocol error",
+            Violation::TooBig => "message too big",
         }
     }
 }
